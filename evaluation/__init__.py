@@ -1,0 +1,1 @@
+"""Evaluation: the exact-score Gaussian-mixture kit, metrics and the judge."""

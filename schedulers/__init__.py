@@ -1,0 +1,23 @@
+"""Schedulers: diffusers-native samplers over one σ-space core (``process.py``), and their registry.
+
+Importing the package registers every sampler; ``SAMPLERS`` maps names to ``SamplerSpec`` entries.
+"""
+
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .process import PREDICTION_TYPES, VPSchedule, convert, to_x0_and_epsilon
+from .registry import SAMPLERS, SamplerSpec, get_sampler, register, samplers_for
+
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "SamplerSpec",
+    "VPSchedule",
+    "convert",
+    "get_sampler",
+    "register",
+    "samplers_for",
+    "to_x0_and_epsilon",
+]

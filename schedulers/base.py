@@ -1,0 +1,139 @@
+"""What every discrete-time VP scheduler shares: the training schedule, the inference grid, decoding outputs.
+
+Subclasses are diffusers schedulers (``SchedulerMixin`` + ``ConfigMixin``): they declare their config with
+``@register_to_config`` and call ``self._init_schedule()``; their ``step`` is the few lines of their paper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .process import VPSchedule, expand_to, spaced_timesteps, target_from_x0_and_epsilon, to_x0_and_epsilon
+
+
+class VPScheduler(SchedulerMixin, ConfigMixin):
+    """Base of the schedulers that walk a discrete VP process (DDPM's ``alphas_cumprod`` table) backwards.
+
+    The sample is kept in the model's own space (x_t = ᾱ_t x0 + β̄_t ε), so ``scale_model_input`` is the
+    identity and ``init_noise_sigma`` is 1: the scheduler drops into diffusers' ``DDPMPipeline`` unchanged.
+    """
+
+    order = 1
+    # final ᾱ² after the last step: 1 means the last step lands on clean data.
+    _final_alpha_cumprod = 1.0
+
+    def _init_schedule(self):
+        if self.config.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr is not supported: σ = ∞ at the last step has no σ-space image")
+        self.schedule = VPSchedule.from_config(self.config)
+        self.betas = self.schedule.betas
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = self.schedule.alphas_cumprod
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
+        self._index_of = None
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ---------------------------------------------------------------- the inference grid
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ):
+        """Choose the descending timesteps of a sampling run: ``num_inference_steps`` spaced by
+        ``config.timestep_spacing``, or any strictly descending subsequence given as ``timesteps``
+        (DDIM's "any subsequence τ", Song et al. 2021 §4.2)."""
+        T = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None:
+            steps = torch.as_tensor(np.asarray(timesteps), dtype=torch.int64)
+            if steps.ndim != 1 or len(steps) == 0:
+                raise ValueError("timesteps must be a non-empty 1-D list of integers")
+            if torch.any(steps[1:] >= steps[:-1]):
+                raise ValueError("timesteps must be strictly descending")
+            if steps[0] >= T or steps[-1] < 0:
+                raise ValueError(f"timesteps must lie in [0, {T - 1}]")
+            self.custom_timesteps = True
+        else:
+            steps = spaced_timesteps(T, int(num_inference_steps), self.config.timestep_spacing,
+                                     self.config.get("steps_offset", 0))
+            self.custom_timesteps = False
+        self.num_inference_steps = len(steps)
+        self.timesteps = steps.to(device)
+        self._index_of = {int(t): i for i, t in enumerate(steps.tolist())}
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of ``timestep`` in the current grid."""
+        if self._index_of is None:
+            raise ValueError("call set_timesteps(...) before step(...)")
+        t = int(timestep)
+        if t not in self._index_of:
+            raise ValueError(f"timestep {t} is not in this scheduler's grid {self.timesteps.tolist()}")
+        return self._index_of[t]
+
+    def previous_timestep(self, timestep) -> int:
+        """The next timestep of the run (the "previous" one in diffusion time); −1 when it is the data."""
+        i = self.index_for_timestep(timestep)
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+
+    def alpha_cumprod_at(self, timestep: int) -> torch.Tensor:
+        """ᾱ² of a grid point, float64; −1 stands for the end of the run."""
+        if timestep < 0:
+            return torch.tensor(self._final_alpha_cumprod, dtype=torch.float64)
+        return self.alphas_cumprod[timestep].double()
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    # ---------------------------------------------------------------- decoding model outputs
+
+    def predict_x0_and_epsilon(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor):
+        """(x̂0, ε̂) implied by the model output at ``timestep``, x̂0 clipped or thresholded as configured.
+
+        ε̂ is the unclipped model's; callers that want ε̂ consistent with the clipped x̂0 recompute it.
+        """
+        acp = self.alpha_cumprod_at(int(timestep))
+        x0, eps = to_x0_and_epsilon(self.config.prediction_type, model_output, sample, acp.sqrt(), (1 - acp).sqrt())
+        return self._clip(x0), eps
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.config.thresholding:
+            return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        if self.config.clip_sample:
+            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0
+
+    # ---------------------------------------------------------------- training-time helpers (diffusers API)
+
+    def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor):
+        acp = self.alphas_cumprod.to(like.device)[timesteps.to(like.device)]
+        return expand_to(acp.sqrt(), like), expand_to((1 - acp).sqrt(), like)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """x_t = ᾱ_t x0 + β̄_t ε (Su part 1; DDPM eq. 4)."""
+        alpha, beta = self._coefficients(timesteps, original_samples)
+        return alpha * original_samples + beta * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """The v-prediction target ᾱ_t ε − β̄_t x0 (Salimans & Ho 2022)."""
+        alpha, beta = self._coefficients(timesteps, sample)
+        return target_from_x0_and_epsilon("v_prediction", sample, noise, alpha, beta)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): clamp each sample to its ``ratio``
+    quantile s of |x0| (at least 1, at most ``max_value``), then divide by s."""
+    flat = x0.reshape(x0.shape[0], -1)
+    work = flat.float() if flat.dtype not in (torch.float32, torch.float64) else flat
+    s = torch.quantile(work.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (work.clamp(-s, s) / s).to(x0.dtype).reshape(x0.shape)

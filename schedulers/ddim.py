@@ -1,0 +1,134 @@
+"""DDIM: the σ_t family of non-Markovian samplers for a trained DDPM (Song et al. 2021; Su part 4).
+
+Keeping only the marginals p(x_t | x0) = N(ᾱ_t x0, β̄_t² I) fixed, the step from grid point t to the next
+one t' may use any noise level σ_t ≤ β̄' (Su part 4; DDIM eq. 12):
+
+    x' = ᾱ' x̂0 + sqrt(β̄'² − σ_t²) ε̂ + σ_t z.
+
+``sigma_type="eta"``: σ_t = η β̄'/β̄ · sqrt(1 − ᾱ²/ᾱ'²), the DDIM paper's family; η = 1 is DDPM in
+distribution, η = 0 the deterministic DDIM ODE solver (Euler in σ = β̄/ᾱ, Su part 4).
+``sigma_type="beta"``: σ_t = η sqrt(1 − ᾱ²/ᾱ'²), i.e. σ_t = β_t at η = 1, which Su reports "also works well";
+clamped to β̄' where it would exceed it (on the last step, into the data).
+Both use the jump's own ᾱ, ᾱ', so any subsequence τ of the training steps works (DDIM §4.2).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .base import VPScheduler
+from .process import to_x0_and_epsilon
+from .registry import register
+
+
+def ddim_sigma(acp: torch.Tensor, acp_prev: torch.Tensor, eta: float, sigma_type: str) -> torch.Tensor:
+    """σ_t of a DDIM jump from ᾱ² to ᾱ'², for ``sigma_type`` "eta" (Song et al. 2021 eq. 16) or "beta" (Su)."""
+    beta_sq = 1 - acp / acp_prev
+    if sigma_type == "eta":
+        return eta * ((1 - acp_prev) / (1 - acp) * beta_sq).sqrt()
+    if sigma_type == "beta":
+        return torch.minimum(eta * beta_sq.sqrt(), (1 - acp_prev).sqrt())
+    raise ValueError(f"sigma_type must be 'eta' or 'beta', got {sigma_type!r}")
+
+
+@register("ddim-beta", family="ddim", stochastic=True, defaults={"eta": 1.0, "sigma_type": "beta"},
+          description="DDIM with σ_t = β_t (Su, part 4)")
+@register("ddim-eta1", family="ddim", stochastic=True, defaults={"eta": 1.0},
+          description="DDIM, η = 1: DDPM's marginals on any step subsequence")
+@register("ddim", family="ddim", stochastic=False,
+          description="DDIM, η = 0: deterministic, Euler on the probability-flow ODE (Song et al. 2021)")
+class DDIMScheduler(VPScheduler):
+    """DDIM sampler; same config keys and trajectories as ``diffusers.DDIMScheduler``, plus inversion.
+
+    ``eta`` here is the default for ``step(eta=None)``, so the stochastic members of the family also run
+    inside pipelines that never pass η (diffusers' ``DDPMPipeline``). Unlike diffusers, which always steps
+    to t − T/n, the next point is the next timestep of the grid, so ``linspace`` spacing and custom
+    subsequences step where they say.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+        eta: float = 0.0,
+        sigma_type: Literal["eta", "beta"] = "eta",
+    ):
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self._init_schedule()
+        if not set_alpha_to_one:  # diffusers: the run ends at ᾱ_0² instead of on the data
+            self._final_alpha_cumprod = float(self.alphas_cumprod[0])
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        eta: float | None = None,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        """One DDIM step x_t → x_{t'}; ``use_clipped_model_output`` recomputes ε̂ from the clipped x̂0."""
+        eta = self.config.eta if eta is None else eta
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        prev_t = self.previous_timestep(timestep)
+        acp, acp_prev = self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t)
+        x0, eps = self.predict_x0_and_epsilon(model_output, timestep, sample)
+        if use_clipped_model_output:
+            _, eps = to_x0_and_epsilon("sample", x0, sample, acp.sqrt(), (1 - acp).sqrt())
+
+        std = ddim_sigma(acp, acp_prev, eta, self.config.sigma_type)
+        direction = (1 - acp_prev - std**2).clamp(min=0).sqrt()
+        prev_sample = acp_prev.sqrt().to(sample.dtype) * x0 + direction.to(sample.dtype) * eps
+        if std > 0:
+            if variance_noise is None:
+                variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                              dtype=model_output.dtype)
+            prev_sample = prev_sample + std.to(sample.dtype) * variance_noise
+
+        if not return_dict:
+            return prev_sample, x0
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    # ---------------------------------------------------------------- inversion (x0 → x_T, η = 0)
+
+    def inversion_timesteps(self) -> list[tuple[int, int]]:
+        """The inversion run as (timestep to evaluate the model at, timestep to move to), ascending.
+
+        Each step moves from one grid point up to the next, with ε̂ taken at the point it starts from; the
+        first step starts on the data and takes ε̂ at the lowest grid timestep.
+        """
+        ascending = self.timesteps.flip(0).tolist()
+        return [(ascending[max(k - 1, 0)], t) for k, t in enumerate(ascending)]
+
+    def inversion_step(self, model_output: torch.Tensor, model_timestep: int, to_timestep: int,
+                       sample: torch.Tensor) -> torch.Tensor:
+        """The deterministic DDIM update run upwards: x_to = ᾱ_to x̂0 + β̄_to ε̂ (Song et al. 2021, §4.3)."""
+        x0, eps = self.predict_x0_and_epsilon(model_output, model_timestep, sample)
+        acp_to = self.alpha_cumprod_at(int(to_timestep))
+        return acp_to.sqrt().to(sample.dtype) * x0 + (1 - acp_to).sqrt().to(sample.dtype) * eps

@@ -1,0 +1,70 @@
+"""The sampler registry: name → scheduler class plus what the app and the tests need to know about it.
+
+Modules register their classes with ``@register(...)`` (one class may carry several entries with different
+config defaults, e.g. ``ddpm`` and ``ddpm-large``). ``schedulers/__init__.py`` imports every module, so
+importing the package fills the registry; the app and the exact-score tests iterate over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+# Keys that describe the trained model's forward process; a sampler built for a model inherits them.
+TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "prediction_type", "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One registered sampler: a scheduler class and the defaults that make it this sampler."""
+
+    name: str
+    scheduler_class: type
+    family: str  # "ancestral", "ddim", "sde", "ode", …: what kind of reverse process it walks
+    stochastic: bool  # whether it draws fresh noise while sampling (η or its equivalent at default)
+    processes: tuple[str, ...] = ("vp",)  # forward processes whose models it can drive
+    nfe_per_step: int = 1  # network evaluations per step of num_inference_steps
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def create(self, model_scheduler_config: dict | None = None, **overrides):
+        """A scheduler for a model: the model's training process, then this entry's defaults, then overrides.
+
+        ``model_scheduler_config`` is the config of the scheduler shipped with the model (any diffusers or
+        project scheduler); only the keys that describe the training process are taken from it.
+        """
+        config = {k: v for k, v in (model_scheduler_config or {}).items() if k in TRAINING_KEYS}
+        config.update(self.defaults)
+        config.update(overrides)
+        return self.scheduler_class(**config)
+
+    def drives(self, process: str) -> bool:
+        return process in self.processes
+
+
+def register(name: str, **metadata):
+    """Class decorator adding a registry entry ``name`` for the decorated scheduler class."""
+
+    def decorate(cls):
+        if name in SAMPLERS:
+            raise ValueError(f"sampler {name!r} is registered twice")
+        SAMPLERS[name] = SamplerSpec(name=name, scheduler_class=cls, **metadata)
+        return cls
+
+    return decorate
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The registry entry ``name``, with a message listing the known names when it is unknown."""
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}") from None
+
+
+def samplers_for(process: str = "vp") -> list[str]:
+    """Names of the samplers that can drive a model trained on ``process``, in registration order."""
+    return [name for name, spec in SAMPLERS.items() if spec.drives(process)]

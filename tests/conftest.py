@@ -1,0 +1,33 @@
+"""Shared fixtures: small exact-score mixtures and pipelines around them."""
+
+import pytest
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from evaluation.exact import ExactScoreModel, GaussianMixture
+from pipelines import DiffusionImagePipeline
+
+diffusers_logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def mixture():
+    """Image-shaped (1×4×4) mixture of 4 thin components near 2-D planes: an easy start, a hard end."""
+    return GaussianMixture.random((1, 4, 4), 4, rank=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def class_mixture():
+    """Six components in three classes (two per class), image-shaped."""
+    return GaussianMixture.random((1, 4, 4), 6, rank=2, num_classes=3, seed=1)
+
+
+def make_pipeline(mixture, scheduler, prediction_type="epsilon"):
+    """A pipeline whose "UNet" is the mixture's exact score, answering in ``prediction_type``."""
+    pipe = DiffusionImagePipeline(ExactScoreModel.from_mixture(mixture, prediction_type), scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Training: the datasets models learn from, and the scripts that train them."""
