@@ -259,3 +259,4 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
         out = target_from_x0_and_epsilon(self.config.prediction_type, x0, eps, alpha, beta)
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)
+
