@@ -5,6 +5,8 @@ Importing the package registers every sampler; ``SAMPLERS`` maps names to ``Samp
 
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .ode import ProbabilityFlowScheduler
+from .sde import ReverseSDEScheduler
 from .process import PREDICTION_TYPES, VPSchedule, convert, to_x0_and_epsilon
 from .registry import SAMPLERS, SamplerSpec, get_sampler, register, samplers_for
 
@@ -12,6 +14,8 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "PREDICTION_TYPES",
+    "ProbabilityFlowScheduler",
+    "ReverseSDEScheduler",
     "SAMPLERS",
     "SamplerSpec",
     "VPSchedule",

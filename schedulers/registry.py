@@ -7,6 +7,7 @@ importing the package fills the registry; the app and the exact-score tests iter
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,8 @@ class SamplerSpec:
         ``model_scheduler_config`` is the config of the scheduler shipped with the model (any diffusers or
         project scheduler); only the keys that describe the training process are taken from it.
         """
-        config = {k: v for k, v in (model_scheduler_config or {}).items() if k in TRAINING_KEYS}
+        accepted = inspect.signature(self.scheduler_class.__init__).parameters
+        config = {k: v for k, v in (model_scheduler_config or {}).items() if k in TRAINING_KEYS and k in accepted}
         config.update(self.defaults)
         config.update(overrides)
         return self.scheduler_class(**config)

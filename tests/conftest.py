@@ -10,6 +10,16 @@ from pipelines import DiffusionImagePipeline
 diffusers_logging.disable_progress_bar()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module on one intra-op thread: the exact model's tensors are tiny, and a thread pool's
+    synchronisation costs more than their arithmetic (4× slower on 2 cores, far worse when they are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mixture():
     """Image-shaped (1×4×4) mixture of 4 thin components near 2-D planes: an easy start, a hard end."""

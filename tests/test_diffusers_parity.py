@@ -32,6 +32,8 @@ def run(scheduler, model, steps, shape=(8, 1, 4, 4), dtype=torch.float64, seed=0
     return x
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 def with_float64_table(scheduler):
     """A diffusers scheduler whose coefficients come from its own ᾱ² table held in float64."""
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()

@@ -11,6 +11,8 @@ from schedulers.process import PREDICTION_TYPES, to_x0_and_epsilon
 from .conftest import seeded
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 def test_score_is_the_gradient_of_the_log_density(class_mixture):
     x = class_mixture.sample(16, seeded(0)) + 0.3 * torch.randn(16, 1, 4, 4, generator=seeded(1), dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3] * 4)  # 3 is the null label: the whole mixture

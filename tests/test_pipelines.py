@@ -16,6 +16,8 @@ from pipelines import DiffusionImagePipeline
 from .conftest import make_pipeline, seeded
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 @pytest.fixture(scope="module")
 def conditional_unet():
     """A tiny real class-conditional UNet (3 classes + the null class), untrained."""
