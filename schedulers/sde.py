@@ -85,7 +85,7 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
         final_sigma: str = "zero",
     ):
         if not 0.0 <= noise_level <= 1.0:
-            raise ValueError(f"noise_level must be in [0, 1] (0: probability-flow ODE, 1: reverse SDE), got {noise_level}")
+            raise ValueError(f"noise_level must be in [0, 1] (0: the ODE, 1: the reverse SDE), got {noise_level}")
         if corrector_steps < 0 or snr <= 0:
             raise ValueError("corrector_steps must be ≥ 0 and snr > 0")
         self._init_sigma_space()
