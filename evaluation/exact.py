@@ -251,7 +251,7 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(len(sample)).cpu()
         alpha, beta = self.schedule.coefficients(t)
-        x = sample.detach().cpu().double()
+        x = sample.cpu().double()  # differentiable: likelihood and guidance take gradients through it
         x_ve = x / expand_to(alpha, x)  # the VE state x0 + σ ε, σ = β̄/ᾱ
         labels = None if class_labels is None else torch.as_tensor(class_labels).cpu()
         x0 = self.mixture.denoise(x_ve, beta / alpha, labels)
