@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
 from diffusers.utils.torch_utils import randn_tensor
 
+from .analytic import analytic_extra_variance
 from .base import VPScheduler
 from .process import to_x0_and_epsilon
 from .registry import register
@@ -37,6 +38,12 @@ def ddim_sigma(acp: torch.Tensor, acp_prev: torch.Tensor, eta: float, sigma_type
     raise ValueError(f"sigma_type must be 'eta' or 'beta', got {sigma_type!r}")
 
 
+@register("analytic-ddim", family="analytic", stochastic=True, defaults={"eta": 0.0},
+          requires=("eps_second_moment",),
+          description="Analytic-DPM on DDIM η = 0: the x̂0 uncertainty as the only noise")
+@register("analytic-ddpm", family="analytic", stochastic=True, defaults={"eta": 1.0},
+          requires=("eps_second_moment",),
+          description="Analytic-DPM: DDPM (η = 1) with the optimal variance (Bao et al. 2022)")
 @register("ddim-beta", family="ddim", stochastic=True, defaults={"eta": 1.0, "sigma_type": "beta"},
           description="DDIM with σ_t = β_t (Su, part 4)")
 @register("ddim-eta1", family="ddim", stochastic=True, defaults={"eta": 1.0},
@@ -46,10 +53,11 @@ def ddim_sigma(acp: torch.Tensor, acp_prev: torch.Tensor, eta: float, sigma_type
 class DDIMScheduler(VPScheduler):
     """DDIM sampler; same config keys and trajectories as ``diffusers.DDIMScheduler``, plus inversion.
 
-    ``eta`` here is the default for ``step(eta=None)``, so the stochastic members of the family also run
-    inside pipelines that never pass η (diffusers' ``DDPMPipeline``). Unlike diffusers, which always steps
-    to t − T/n, the next point is the next timestep of the grid, so ``linspace`` spacing and custom
-    subsequences step where they say.
+    ``eps_second_moment`` (E‖ε_θ‖²/d per training timestep, from ``schedulers.analytic``) turns on
+    Analytic-DPM's variance. ``eta`` here is the default for ``step(eta=None)``, so the stochastic members
+    of the family also run inside pipelines that never pass η (diffusers' ``DDPMPipeline``). Unlike
+    diffusers, which always steps to t − T/n, the next point is the next timestep of the grid, so
+    ``linspace`` spacing and custom subsequences step where they say.
     """
 
     @register_to_config
@@ -72,9 +80,13 @@ class DDIMScheduler(VPScheduler):
         rescale_betas_zero_snr: bool = False,
         eta: float = 0.0,
         sigma_type: Literal["eta", "beta"] = "eta",
+        eps_second_moment: list[float] | None = None,
     ):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if eps_second_moment is not None and len(eps_second_moment) != num_train_timesteps:
+            raise ValueError(f"eps_second_moment needs one value per training timestep ({num_train_timesteps}), "
+                             f"got {len(eps_second_moment)}")
         self._init_schedule()
         if not set_alpha_to_one:  # diffusers: the run ends at ᾱ_0² instead of on the data
             self._final_alpha_cumprod = float(self.alphas_cumprod[0])
@@ -105,6 +117,9 @@ class DDIMScheduler(VPScheduler):
         std = ddim_sigma(acp, acp_prev, eta, self.config.sigma_type)
         direction = (1 - acp_prev - std**2).clamp(min=0).sqrt()
         prev_sample = acp_prev.sqrt().to(sample.dtype) * x0 + direction.to(sample.dtype) * eps
+        if self.config.eps_second_moment is not None:  # Analytic-DPM: same mean, the x̂0 uncertainty added
+            moment = self.config.eps_second_moment[int(timestep)]
+            std = (std**2 + analytic_extra_variance(acp, acp_prev, std, moment)).sqrt()
         if std > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,

@@ -29,6 +29,7 @@ class SamplerSpec:
     processes: tuple[str, ...] = ("vp",)  # forward processes whose models it can drive
     nfe_per_step: int = 1  # network evaluations per step of num_inference_steps
     defaults: dict[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()  # config values only the model can supply (e.g. Analytic-DPM's table)
     description: str = ""
 
     def create(self, model_scheduler_config: dict | None = None, **overrides):
@@ -38,9 +39,14 @@ class SamplerSpec:
         project scheduler); only the keys that describe the training process are taken from it.
         """
         accepted = inspect.signature(self.scheduler_class.__init__).parameters
-        config = {k: v for k, v in (model_scheduler_config or {}).items() if k in TRAINING_KEYS and k in accepted}
+        wanted = (*TRAINING_KEYS, *self.requires)  # a tuned table reaches only the samplers that use it
+        config = {k: v for k, v in (model_scheduler_config or {}).items() if k in wanted and k in accepted}
         config.update(self.defaults)
         config.update(overrides)
+        missing = [key for key in self.requires if config.get(key) is None]
+        if missing:
+            raise ValueError(f"sampler {self.name!r} needs {', '.join(missing)} from the model; "
+                             f"for Analytic-DPM run `python -m schedulers.analytic MODEL_DIR`")
         return self.scheduler_class(**config)
 
     def drives(self, process: str) -> bool:
