@@ -53,6 +53,10 @@ def model_process(pipe: DiffusionImagePipeline) -> str:
     return pipe.config.model_info.get("process", "vp")
 
 
+def model_samplers(pipe: DiffusionImagePipeline) -> list[str]:
+    return schedulers.samplers_for(model_process(pipe), pipe.scheduler.config)
+
+
 def class_choices(pipe: DiffusionImagePipeline) -> list[str]:
     names = pipe.config.model_info.get("class_names") or [str(i) for i in range(pipe.num_classes)]
     return [EVERY_CLASS, UNCONDITIONAL, *names] if pipe.num_classes else [UNCONDITIONAL]
@@ -75,7 +79,10 @@ def generate(models: dict[str, Path], model_name: str, sampler: str, steps: floa
     spec = schedulers.get_sampler(sampler)
     if not spec.drives(model_process(pipe)):
         raise gr.Error(f"{sampler} cannot drive a model trained on the {model_process(pipe)!r} process")
-    pipe.scheduler = spec.create(pipe.scheduler.config)
+    try:
+        pipe.scheduler = spec.create(pipe.scheduler.config)
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
     choices = class_choices(pipe)
     if class_name not in choices:
         raise gr.Error(f"class {class_name!r} is not one of {choices}")
@@ -114,7 +121,7 @@ def build_ui(models: dict[str, Path]) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(names, value=default, label="model")
-                sampler = gr.Dropdown(schedulers.samplers_for(model_process(first)), value="ddim", label="sampler")
+                sampler = gr.Dropdown(model_samplers(first), value="ddim", label="sampler")
                 steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="steps")
                 eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="η (DDIM family)")
                 class_name = gr.Dropdown(class_choices(first), value=class_choices(first)[0], label="class")
@@ -129,7 +136,7 @@ def build_ui(models: dict[str, Path]) -> gr.Blocks:
         def on_model(name):
             pipe = load_pipeline(str(models[name]))
             choices = class_choices(pipe)
-            return (gr.update(choices=schedulers.samplers_for(model_process(pipe)), value="ddim"),
+            return (gr.update(choices=model_samplers(pipe), value="ddim"),
                     gr.update(choices=choices, value=choices[0]))
 
         model.change(on_model, model, [sampler, class_name])

@@ -52,6 +52,11 @@ class SamplerSpec:
     def drives(self, process: str) -> bool:
         return process in self.processes
 
+    def available_for(self, process: str, model_scheduler_config: dict | None = None) -> bool:
+        """Whether it drives ``process`` and the model supplies everything it requires."""
+        config = model_scheduler_config or {}
+        return self.drives(process) and all(config.get(key) is not None for key in self.requires)
+
 
 def register(name: str, **metadata):
     """Class decorator adding a registry entry ``name`` for the decorated scheduler class."""
@@ -73,6 +78,9 @@ def get_sampler(name: str) -> SamplerSpec:
         raise ValueError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}") from None
 
 
-def samplers_for(process: str = "vp") -> list[str]:
-    """Names of the samplers that can drive a model trained on ``process``, in registration order."""
-    return [name for name, spec in SAMPLERS.items() if spec.drives(process)]
+def samplers_for(process: str = "vp", model_scheduler_config: dict | None = None) -> list[str]:
+    """Names of the samplers that can drive a model trained on ``process``, in registration order; with the
+    model's scheduler config, only those whose requirements it meets."""
+    if model_scheduler_config is None:
+        return [name for name, spec in SAMPLERS.items() if spec.drives(process)]
+    return [name for name, spec in SAMPLERS.items() if spec.available_for(process, model_scheduler_config)]

@@ -33,10 +33,17 @@ def test_generates_a_labelled_grid(models):
     (("mnist-exact", "ddim", 4, 0, "3", math.nan, 0.0, 2), "guidance scale must be a finite number"),
     (("mnist-exact", "ddim", 4, math.inf, "3", 1.0, 0.0, 2), "seed must be a finite number"),
     (("mnist-exact", "ddim", 4, 0, "eleven", 1.0, 0.0, 2), "class 'eleven'"),
+    (("mnist-exact", "analytic-ddpm", 4, 0, "3", 1.0, 0.0, 2), "needs eps_second_moment"),
 ])
 def test_bad_input_becomes_a_clear_error(models, args, message):
     with pytest.raises(gr.Error, match=message):
         app.generate(models, *args)
+
+
+def test_offers_only_the_samplers_the_model_can_feed(models):
+    offered = app.model_samplers(app.load_pipeline(str(models["mnist-exact"])))
+    assert {"ddpm", "ddim", "heun", "dpmpp-2m", "sde-pc"} <= set(offered)
+    assert "analytic-ddpm" not in offered  # it needs the model's E‖ε‖²/d table
 
 
 def test_the_ui_builds_without_launching(models):
