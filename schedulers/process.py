@@ -89,17 +89,17 @@ class VPSchedule:
     """ᾱ², σ and log-SNR of a discrete VP process at integer or fractional timesteps.
 
     Timestep ``t`` indexes ``alphas_cumprod`` as in diffusers (t = 0 is the first noisy step). Between
-    integer steps, log ᾱ² is interpolated linearly: this is the cumulative product over a fractional
-    step (a geometric interpolation of the per-step α), monotone in t, and it makes ``timestep_of_sigma``
-    an exact inverse of ``sigma``.
+    integer steps, log σ is interpolated linearly, the convention of k-diffusion and diffusers' σ-space
+    schedulers (``_sigma_to_t``), so a model evaluated at fractional timesteps answers for the same σ
+    whichever library chose them; ``timestep_of_sigma`` is its exact inverse.
     """
 
     def __init__(self, betas: torch.Tensor):
         self.betas = betas.to(torch.float32)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        self._log_acp = torch.log(self.alphas_cumprod.double())
-        # log σ = ½ log((1 − ᾱ²)/ᾱ²), increasing in t: the table timestep_of_sigma searches.
-        self._log_sigmas = 0.5 * (torch.log1p(-self.alphas_cumprod.double()) - self._log_acp)
+        acp = self.alphas_cumprod.double()
+        # log σ = ½ log((1 − ᾱ²)/ᾱ²), increasing in t: interpolated between steps, searched by timestep_of_sigma.
+        self._log_sigmas = 0.5 * (torch.log1p(-acp) - torch.log(acp))
 
     @classmethod
     def from_config(cls, config) -> VPSchedule:
@@ -127,8 +127,8 @@ class VPSchedule:
             return self.alphas_cumprod.double()[idx]
         t = t.clamp(0, self.num_train_timesteps - 1)
         lo = t.floor().long().clamp(max=self.num_train_timesteps - 2)
-        w = t - lo
-        return torch.exp(torch.lerp(self._log_acp[lo], self._log_acp[lo + 1], w))
+        log_sigma = torch.lerp(self._log_sigmas[lo], self._log_sigmas[lo + 1], t - lo)
+        return torch.sigmoid(-2 * log_sigma)  # ᾱ² = 1/(1 + σ²)
 
     def coefficients(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(ᾱ_t, β̄_t) = (sqrt(alphas_cumprod[t]), sqrt(1 − alphas_cumprod[t])): x_t = ᾱ_t x0 + β̄_t ε."""
@@ -150,9 +150,7 @@ class VPSchedule:
         ls = self._log_sigmas
         hi = torch.searchsorted(ls, log_sigma).clamp(1, len(ls) - 1)
         lo = hi - 1
-        # log ᾱ² is linear in t on each segment; log ᾱ² = −log(1 + σ²) solves for the fraction exactly.
-        target = -torch.log1p(torch.exp(2 * log_sigma))
-        w = (target - self._log_acp[lo]) / (self._log_acp[hi] - self._log_acp[lo])
+        w = (log_sigma - ls[lo]) / (ls[hi] - ls[lo])
         return (lo + w.clamp(0, 1)).to(torch.float64)
 
 
