@@ -10,7 +10,6 @@ from schedulers.process import PREDICTION_TYPES, to_x0_and_epsilon
 
 from .conftest import seeded
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_score_is_the_gradient_of_the_log_density(class_mixture):

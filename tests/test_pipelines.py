@@ -15,7 +15,6 @@ from pipelines import DiffusionImagePipeline
 
 from .conftest import make_pipeline, seeded
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")

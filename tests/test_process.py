@@ -100,7 +100,8 @@ def test_unknown_names_raise_clear_errors():
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 7, 10, 50, 1000])
 def test_timestep_spacings_equal_diffusers(spacing, steps):
-    theirs = diffusers.DDPMScheduler(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" and steps < 1000 else 0)
+    offset = 1 if spacing == "leading" and steps < 1000 else 0  # an offset past step 999 is an error (tested)
+    theirs = diffusers.DDPMScheduler(timestep_spacing=spacing, steps_offset=offset)
     theirs.set_timesteps(steps)
     offset = theirs.config.steps_offset
     assert torch.equal(spaced_timesteps(1000, steps, spacing, offset), theirs.timesteps)
