@@ -139,9 +139,9 @@ def build_ui(models: dict[str, Path]) -> gr.Blocks:
             return (gr.update(choices=model_samplers(pipe), value="ddim"),
                     gr.update(choices=choices, value=choices[0]))
 
-        model.change(on_model, model, [sampler, class_name])
+        model.change(on_model, model, [sampler, class_name], api_name="select_model")
         run.click(lambda *a: generate(models, *a), [model, sampler, steps, seed, class_name, guidance, eta, batch],
-                  [image, info], concurrency_limit=1)
+                  [image, info], concurrency_limit=1, api_name="generate")
     return ui
 
 
