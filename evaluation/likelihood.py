@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from schedulers.process import VPSchedule, to_x0_and_epsilon
+from schedulers.process import VPSchedule
+from schedulers.sigma_base import denoise_with_vp_model
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # D(x_ve, σ) → E[x0 | x_ve]
 
@@ -35,16 +36,12 @@ class LikelihoodResult:
 
 
 def vp_denoiser(model, schedule: VPSchedule, prediction_type: str, class_labels=None) -> Denoiser:
-    """D(x_ve, σ) for a model trained on a discrete VP process: it sees ᾱ x_ve at the timestep whose σ it is."""
+    """D(x_ve, σ) for a model trained on a discrete VP process."""
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
 
     def denoise(x_ve: torch.Tensor, sigma: float) -> torch.Tensor:
-        sigma_t = torch.tensor(sigma, dtype=torch.float64)
-        alpha = 1 / (1 + sigma_t**2).sqrt()
-        t = schedule.timestep_of_sigma(sigma_t)
-        x = (x_ve * alpha).to(model.dtype)
-        output = model(x, t, class_labels=class_labels).sample if class_labels is not None else model(x, t).sample
-        x0, _ = to_x0_and_epsilon(prediction_type, output.to(x_ve.dtype), x_ve * alpha, alpha, sigma_t * alpha)
-        return x0
+        return denoise_with_vp_model(lambda x, t: model(x.to(model.dtype), t, **kwargs).sample, x_ve, sigma,
+                                     schedule, prediction_type)
 
     return denoise
 

@@ -171,6 +171,16 @@ class DiffusionImagePipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(eta, generator)
         sample = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
         nfe = 0
+        if hasattr(self.scheduler, "solve"):  # an adaptive solver calls the model itself
+            cost_per_call = []
+
+            def model_call(x, t):
+                output, cost = self.guided_model_output(x, t, labels, guidance_scale)
+                cost_per_call.append(cost)
+                return output
+
+            sample = self.scheduler.solve(model_call, sample)
+            nfe = sum(cost_per_call)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
             output, cost = self.guided_model_output(model_input, t, labels, guidance_scale)

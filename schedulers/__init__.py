@@ -5,12 +5,13 @@ Importing the package registers every sampler; ``SAMPLERS`` maps names to ``Samp
 
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
-from .ode import ProbabilityFlowScheduler
+from .ode import AdaptiveODEScheduler, ProbabilityFlowScheduler
 from .process import PREDICTION_TYPES, VPSchedule, convert, to_x0_and_epsilon
 from .registry import SAMPLERS, SamplerSpec, get_sampler, register, samplers_for
 from .sde import ReverseSDEScheduler
 
 __all__ = [
+    "AdaptiveODEScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "PREDICTION_TYPES",

@@ -27,7 +27,8 @@ class SamplerSpec:
     family: str  # "ancestral", "ddim", "sde", "ode", …: what kind of reverse process it walks
     stochastic: bool  # whether it draws fresh noise while sampling (η or its equivalent at default)
     processes: tuple[str, ...] = ("vp",)  # forward processes whose models it can drive
-    nfe_per_step: int = 1  # network evaluations per step of num_inference_steps
+    nfe_per_step: int = 1  # network evaluations per step of num_inference_steps (0: adaptive)
+    adaptive: bool = False  # chooses its own steps (``solve``), ignoring num_inference_steps
     defaults: dict[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()  # config values only the model can supply (e.g. Analytic-DPM's table)
     description: str = ""

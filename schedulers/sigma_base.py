@@ -32,6 +32,22 @@ from .sigmas import make_sigmas
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 
+def vp_model_input_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """ᾱ = 1/sqrt(1 + σ²): a VP model sees ᾱ x_ve at the timestep whose noise level is σ."""
+    return 1 / (1 + sigma**2).sqrt()
+
+
+def denoise_with_vp_model(model_call, x_ve: torch.Tensor, sigma, schedule: VPSchedule,
+                          prediction_type: str) -> torch.Tensor:
+    """D(x_ve; σ) from a model trained on a discrete VP process: ``model_call(ᾱ x_ve, t(σ))`` decoded to x̂0."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    alpha = vp_model_input_scale(sigma)
+    x = x_ve * alpha.to(x_ve.dtype)
+    output = model_call(x, schedule.timestep_of_sigma(sigma))
+    x0, _ = to_x0_and_epsilon(prediction_type, output.to(x.dtype), x, alpha, sigma * alpha)
+    return x0
+
+
 class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     """Base of the σ-space samplers; subclasses define ``solver(x, sigmas, noise)`` as a generator."""
 
@@ -113,7 +129,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The model's input ᾱ x_ve at the current σ (ᾱ = 1/sqrt(1 + σ²), a VP model's scale)."""
-        return sample / (1 + self._current_sigma() ** 2).sqrt().to(sample.dtype)
+        return sample * vp_model_input_scale(self._current_sigma()).to(sample.dtype)
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
@@ -122,7 +138,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
              return_dict: bool = True):
         """Feed the denoiser's answer at the current evaluation point to the solver; get its next point."""
         sigma = self._current_sigma()
-        alpha = 1 / (1 + sigma**2).sqrt()
+        alpha = vp_model_input_scale(sigma)
         denoised, _ = to_x0_and_epsilon(self.config.prediction_type, model_output, sample * alpha.to(sample.dtype),
                                         alpha, sigma * alpha)
         self._generator = generator

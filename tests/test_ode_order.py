@@ -61,3 +61,24 @@ def test_euler_is_ddim(mixture):
     # Both start from the same x_T: the σ-space sample is x_T/ᾱ_T, and init_noise_sigma = sqrt(1 + σ_max²) = 1/ᾱ_T.
     b = pipe(batch_size=64, num_inference_steps=10, latents=latents, output_type="raw").images
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_adaptive_rk45_spends_more_evaluations_for_more_accuracy(smooth, reference):
+    latents, exact = reference
+    errors, spent = [], []
+    for tol in (1e-2, 1e-4):
+        scheduler = schedulers.AdaptiveODEScheduler(rtol=tol, atol=tol, final_sigma="sigma_min")
+        out = make_pipeline(smooth, scheduler)(batch_size=len(latents), num_inference_steps=1, latents=latents,
+                                               output_type="raw")
+        assert out.nfe == scheduler.nfe_spent > 0  # the pipeline reports what the solver spent
+        errors.append(((out.images - exact) ** 2).mean().sqrt().item())
+        spent.append(out.nfe)
+    assert spent[1] > spent[0] and errors[1] < 0.2 * errors[0]
+    assert errors[1] < 1e-3
+
+
+def test_adaptive_rk45_refuses_the_per_step_protocol():
+    scheduler = schedulers.AdaptiveODEScheduler()
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match="solve"):
+        scheduler.step(torch.zeros(1, 1, 4, 4), 0, torch.zeros(1, 1, 4, 4))

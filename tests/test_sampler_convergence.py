@@ -55,7 +55,8 @@ def test_every_sampler_converges_to_the_mixture(mixture, reference, model_config
     assert sw_converged <= SW2_CONVERGED
     assert mode_weight_error(mixture, converged) <= MODE_TV_CONVERGED
     assert abs(nll_gap(mixture, converged, reference)) <= NLL_GAP_CONVERGED
-    assert sliced_wasserstein(few_steps, reference) >= FEW_STEP_RATIO * sw_converged
+    if not schedulers.get_sampler(sampler).adaptive:  # an adaptive solver ignores the step count
+        assert sliced_wasserstein(few_steps, reference) >= FEW_STEP_RATIO * sw_converged
 
 
 def test_ddim_eta_one_is_ddpm(mixture):
