@@ -10,7 +10,7 @@ import torch
 
 from .process import VPSchedule
 
-SIGMA_SCHEDULES = ("karras", "log_snr", "uniform_t", "subvp")
+SIGMA_SCHEDULES = ("karras", "log_snr", "uniform_t", "subvp", "flow")
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -40,6 +40,12 @@ def uniform_time_sigmas(n: int, schedule: VPSchedule, subvp: bool = False) -> to
     return sigma_sub.clamp(min=schedule.sigma(torch.tensor(0.0)).item())
 
 
+def flow_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in rectified-flow time t = σ/(1 + σ) (Liu et al. 2022), mapped back by σ = t/(1 − t)."""
+    t = torch.linspace(sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min), n, dtype=torch.float64)
+    return t / (1 - t)
+
+
 def make_sigmas(kind: str, n: int, schedule: VPSchedule, sigma_min: float, sigma_max: float,
                 rho: float = 7.0) -> torch.Tensor:
     """The grid named ``kind`` with n points between ``sigma_max`` and ``sigma_min``."""
@@ -47,6 +53,8 @@ def make_sigmas(kind: str, n: int, schedule: VPSchedule, sigma_min: float, sigma
         return karras_sigmas(n, sigma_min, sigma_max, rho)
     if kind == "log_snr":
         return log_snr_sigmas(n, sigma_min, sigma_max)
+    if kind == "flow":
+        return flow_sigmas(n, sigma_min, sigma_max)
     if kind in ("uniform_t", "subvp"):
         return uniform_time_sigmas(n, schedule, subvp=kind == "subvp")
     raise ValueError(f"unknown sigma_schedule {kind!r}; choose one of {SIGMA_SCHEDULES}")

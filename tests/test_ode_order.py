@@ -18,7 +18,7 @@ from .conftest import make_pipeline, seeded
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-THEORY = {"euler": 1, "heun": 2, "midpoint": 2, "dpmpp-2m": 2, "dpmpp-3m": 3}
+THEORY = {"euler": 1, "heun": 2, "midpoint": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "flow-heun": 2}
 
 
 @pytest.fixture(scope="module")
