@@ -42,6 +42,7 @@ UNET_CONFIGS: dict[str, dict] = {
         downsample_padding=0,
         flip_sin_to_cos=False,
         freq_shift=1,
+        attention_head_dim=None,  # one 256-wide head, as google/ddpm-cifar10-32 (diffusers' default 8 gives 32)
     ),
 }
 

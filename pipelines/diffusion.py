@@ -74,6 +74,13 @@ class DiffusionImagePipeline(DiffusionPipeline):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return self.unet.config.in_channels, h, w
 
+    def set_attention_backend(self, backend: str, entropy_invariant_n0: int | None = None) -> int:
+        """Run the model's attention on ``backend`` ("triton", "sdpa", "xformers", "math"), optionally with the
+        entropy-invariant scale log_{n0}(n)/sqrt(d) (``kernels/processor.py``); returns the blocks switched."""
+        from kernels.processor import set_attention_backend  # imports triton: only when asked for
+
+        return set_attention_backend(self.unet, backend, entropy_invariant_n0)
+
     # ---------------------------------------------------------------- the guided model call
 
     def guided_model_output(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None,

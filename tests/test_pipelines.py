@@ -173,3 +173,21 @@ def test_model_and_scheduler_mismatches_raise_clear_errors(mixture):
         unconditional(eta=0.5, num_inference_steps=2)
     with pytest.raises(ValueError, match="inversion"):
         unconditional.invert(torch.zeros(1, 1, 4, 4), 2)
+
+
+def test_attention_backends_switch_and_agree(class_mixture):
+    """A UNet with attention blocks gives the same samples on every CPU-capable backend."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    pipe = DiffusionImagePipeline(unet, schedulers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    default = pipe(batch_size=2, num_inference_steps=3, generator=seeded(0), output_type="raw").images
+    for backend in ("math", "sdpa", "triton"):  # triton falls back to SDPA on CPU
+        assert pipe.set_attention_backend(backend) == 4  # 1 down, 1 mid, 2 up (layers_per_block + 1)
+        out = pipe(batch_size=2, num_inference_steps=3, generator=seeded(0), output_type="raw").images
+        assert torch.allclose(out, default, atol=1e-5)
+    with pytest.raises(ValueError, match="triton"):
+        pipe.set_attention_backend("flash-please")
