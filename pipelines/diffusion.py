@@ -137,6 +137,8 @@ class DiffusionImagePipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         eta: float | None = None,
         latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict | None] | None = None,
@@ -150,6 +152,8 @@ class DiffusionImagePipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance weight w (1 = conditional, 0 = unconditional).
             eta: the scheduler's η (DDIM family) for this call; None keeps the scheduler's default.
             latents: initial noise x_T to start from instead of drawing it (shape (B, C, H, W)).
+            height, width: sample at another size than the model was trained at (a UNet is convolutional;
+                the size must divide by its downsampling factor). Default: the trained size.
             output_type: ``"pil"``, ``"np"`` (B, H, W, C) or ``"pt"`` (B, C, H, W), all in [0, 1]; or ``"raw"``,
                 the final sample as the model sees data (usually [-1, 1]), unclamped, for metrics.
             callback_on_step_end: ``fn(pipeline, step_index, timestep, {"sample", "pred_original_sample"})``
@@ -168,7 +172,10 @@ class DiffusionImagePipeline(DiffusionPipeline):
         labels = self._class_labels(class_labels, batch_size)
         if labels is None and guidance_scale != 1.0 and self.null_class_id is None:
             raise ValueError("guidance_scale needs a class-conditional model")
-        shape = (batch_size, *self.sample_shape)
+        channels, trained_height, trained_width = self.sample_shape
+        shape = (batch_size, channels, height or trained_height, width or trained_width)
+        if min(shape[2:]) < 1:
+            raise ValueError(f"height and width must be positive, got {shape[2:]}")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:

@@ -191,3 +191,12 @@ def test_attention_backends_switch_and_agree(class_mixture):
         assert torch.allclose(out, default, atol=1e-5)
     with pytest.raises(ValueError, match="triton"):
         pipe.set_attention_backend("flash-please")
+
+
+def test_samples_at_another_size(conditional_unet):
+    pipe = DiffusionImagePipeline(conditional_unet, schedulers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=2, class_labels=1, height=16, width=24, output_type="pt").images
+    assert images.shape == (2, 1, 16, 24)
+    with pytest.raises(ValueError, match="height and width"):
+        pipe(batch_size=1, num_inference_steps=2, height=-8)
