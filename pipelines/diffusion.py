@@ -185,27 +185,25 @@ class DiffusionImagePipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(eta, generator)
         sample = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
         nfe = 0
-        if hasattr(self.scheduler, "solve"):  # an adaptive solver calls the model itself
-            cost_per_call = []
 
-            def model_call(x, t):
-                output, cost = self.guided_model_output(x, t, labels, guidance_scale)
-                cost_per_call.append(cost)
-                return output
-
-            sample = self.scheduler.solve(model_call, sample)
-            nfe = sum(cost_per_call)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(sample, t)
-            output, cost = self.guided_model_output(model_input, t, labels, guidance_scale)
+        def model_call(x, t):
+            nonlocal nfe
+            output, cost = self.guided_model_output(x, t, labels, guidance_scale)
             nfe += cost
-            step = self.scheduler.step(output, t, sample, **step_kwargs)
-            sample = step.prev_sample
-            if callback_on_step_end is not None:
-                update = callback_on_step_end(
-                    self, i, t, {"sample": sample, "pred_original_sample": step.pred_original_sample})
-                if update and "sample" in update:
-                    sample = update["sample"]
+            return output
+
+        if hasattr(self.scheduler, "solve"):  # an adaptive solver chooses its own steps and calls the model
+            sample = self.scheduler.solve(model_call, sample)
+        else:
+            for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+                output = model_call(self.scheduler.scale_model_input(sample, t), t)
+                step = self.scheduler.step(output, t, sample, **step_kwargs)
+                sample = step.prev_sample
+                if callback_on_step_end is not None:
+                    update = callback_on_step_end(
+                        self, i, t, {"sample": sample, "pred_original_sample": step.pred_original_sample})
+                    if update and "sample" in update:
+                        sample = update["sample"]
 
         images = sample if output_type == "raw" else self._image_processor.postprocess(sample.float(), output_type)
         self.maybe_free_model_hooks()
