@@ -1,7 +1,9 @@
 """Train the MNIST judge: ``python -m train.judge --out checkpoints/mnist-judge [--epochs N --seed S]``.
 
 Trains ``models.judge.MNISTJudge`` on the ``mnist`` train split (4,500 digits at 32×32), each batch shifted at
-random by up to 2 pixels so the judge does not rely on digits being centred the way MNIST centres them, then
+random by up to 2 pixels so the judge does not rely on digits being centred the way MNIST centres them, and
+noised with per-image Gaussian pixel noise of σ ∈ [0, 0.5] so that a generated digit on a grainy background is
+still judged by its shape (without it, the judge called every such sample an 8), then
 reports its accuracy on the 500 held-out digits and writes the model (``save_pretrained``, safetensors) plus a
 README.md recording the command, the held-out accuracy, the training time and the hardware.
 """
@@ -27,6 +29,7 @@ from models.judge import JUDGE_IMAGE_SIZE, MNISTJudge
 from train.data import load_dataset
 
 MAX_SHIFT = 2
+MAX_NOISE = 0.5
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -35,6 +38,12 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     padded = F.pad(images, (max_shift,) * 4, value=-1.0)
     offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator).tolist()
     return torch.stack([image[:, top : top + size, left : left + size] for image, (top, left) in zip(padded, offsets)])
+
+
+def random_noise(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Add N(0, σ²) pixel noise with σ ~ U(0, max_sigma) per image, clamped back to [-1, 1]."""
+    sigma = max_sigma * torch.rand(len(images), 1, 1, 1, generator=generator)
+    return (images + sigma * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
 
 
 def train_judge(epochs: int, seed: int, batch_size: int, learning_rate: float) -> MNISTJudge:
@@ -49,7 +58,7 @@ def train_judge(epochs: int, seed: int, batch_size: int, learning_rate: float) -
     with tqdm(total=total_steps, desc="training the MNIST judge") as progress:
         for epoch in range(1, epochs + 1):
             for batch in torch.randperm(len(images), generator=generator).split(batch_size):
-                logits = judge(random_shift(images[batch], MAX_SHIFT, generator))
+                logits = judge(random_noise(random_shift(images[batch], MAX_SHIFT, generator), MAX_NOISE, generator))
                 loss = F.cross_entropy(logits, labels[batch])
                 optimizer.zero_grad()
                 loss.backward()
@@ -100,6 +109,7 @@ features drive `evaluation.judge.feature_fid`. Load it with `evaluation.judge.lo
 
 - command: `{command}`
 - data: `train.data.load_dataset("mnist")`, 4,500 train digits at 32×32, random shifts of up to {MAX_SHIFT} pixels
+  and Gaussian pixel noise of σ ∈ [0, {MAX_NOISE}]
 - held-out accuracy: **{accuracy:.2%}** on the {heldout_size} `heldout` digits
 - training time: {training_seconds:.0f} s
 - hardware: {_hardware()}
