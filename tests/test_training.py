@@ -20,7 +20,13 @@ from safetensors.torch import load_file
 
 from pipelines import DiffusionImagePipeline
 from schedulers import DDIMScheduler
-from train.checkpointing import COMPLETE_MARKER, complete_checkpoints, find_checkpoint, save_checkpoint
+from train.checkpointing import (
+    COMPLETE_MARKER,
+    complete_checkpoints,
+    discard_checkpoints_after,
+    find_checkpoint,
+    save_checkpoint,
+)
 from train.diffusion import GlobalBatchOrder, build_parser, check_args, rank_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +128,14 @@ def test_find_checkpoint_skips_half_written_ones(tmp_path):
     assert find_checkpoint(tmp_path / "empty", "latest") is None
 
 
+def test_resuming_an_older_checkpoint_discards_the_newer_ones(tmp_path):
+    for step in (10, 20, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("")
+    assert discard_checkpoints_after(tmp_path, 10) == [tmp_path / "checkpoint-20", tmp_path / "checkpoint-30"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-10"]
+
+
 def test_resume_only_reads_checkpoints_of_its_own_run(tmp_path):
     foreign = tmp_path / "elsewhere" / "checkpoint-5"
     foreign.mkdir(parents=True)
@@ -158,6 +172,12 @@ def test_out_of_range_options_raise_value_errors_naming_them(option, value, mess
 # --------------------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_refuses_a_directory_that_holds_checkpoints(reference):
+    result = subprocess.run(training_command(reference), cwd=REPO, env=environment(), capture_output=True,
+                            text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode != 0 and "pass --resume latest" in result.stderr
 
 
 def test_training_reduces_the_loss_and_writes_its_run_directory(reference):

@@ -107,6 +107,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     return state
 
 
+def discard_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Delete the finished checkpoints past ``step``: resuming from an older one abandons them, and left in place
+    they would count as the newest when the last K are kept."""
+    discarded = [path for path in complete_checkpoints(output_dir) if checkpoint_step(path) > step]
+    for path in discarded:
+        shutil.rmtree(path)
+    return discarded
+
+
 def _prune(output_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` finished checkpoints, and any half-written ones."""
     for stale in complete_checkpoints(output_dir)[:-keep]:

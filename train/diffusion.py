@@ -53,7 +53,14 @@ from tqdm import tqdm
 from models.unet import UNET_CONFIGS, build_unet
 from pipelines import DiffusionImagePipeline
 from schedulers import DDIMScheduler
-from train.checkpointing import find_checkpoint, load_checkpoint, read_training_state, save_checkpoint
+from train.checkpointing import (
+    complete_checkpoints,
+    discard_checkpoints_after,
+    find_checkpoint,
+    load_checkpoint,
+    read_training_state,
+    save_checkpoint,
+)
 from train.data import ImageDataset, load_dataset
 from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, make_objective
 
@@ -318,11 +325,12 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     """Train (or resume) the run described by ``args``; returns the exported pipeline directory."""
     check_args(args)
     output_dir = args.output_dir
+    args.mixed_precision = args.mixed_precision or default_mixed_precision(args.cpu)
     accelerator = Accelerator(
         # accelerate only forms a multi-process CPU group (gloo) under torchrun when told it runs on the CPU
         cpu=args.cpu or not torch.cuda.is_available(),
         gradient_accumulation_steps=args.grad_accum,
-        mixed_precision=args.mixed_precision or default_mixed_precision(args.cpu),
+        mixed_precision=args.mixed_precision,
         log_with="tensorboard" if is_tensorboard_available() else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # the LR schedule counts optimizer steps, however many processes share them
@@ -356,7 +364,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     start_step = _resume(accelerator, args, invariants)
     config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "effective_batch_size": global_batch * args.grad_accum, "train_images": len(train_set),
-              "num_classes": num_classes, "command": command, "resumed_from_step": start_step,
+              "num_classes": num_classes, "device": str(accelerator.device), "command": command,
+              "resumed_from_step": start_step,
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "accelerate": accelerate.__version__, "python": platform.python_version()}}
     if accelerator.is_main_process:
@@ -434,6 +443,9 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
 def _resume(accelerator: Accelerator, args: argparse.Namespace, invariants: dict[str, Any]) -> int:
     """Restore the checkpoint ``--resume`` names, if any; returns the step to continue from."""
     if args.resume is None:
+        if complete_checkpoints(args.output_dir):
+            raise ValueError(f"{args.output_dir} already holds checkpoints of a run: pass --resume latest to "
+                             "continue it, or choose another --output-dir")
         return 0
     checkpoint = find_checkpoint(args.output_dir, args.resume)
     if checkpoint is None:
@@ -446,6 +458,10 @@ def _resume(accelerator: Accelerator, args: argparse.Namespace, invariants: dict
                          f"(checkpoint, now): {changed}")
     state = load_checkpoint(accelerator, checkpoint)
     accelerator.print(f"resumed from {checkpoint} (step {state['step']})")
+    if accelerator.is_main_process:
+        for path in discard_checkpoints_after(args.output_dir, state["step"]):
+            accelerator.print(f"discarded {path}, past the checkpoint resumed from")
+    accelerator.wait_for_everyone()
     return state["step"]
 
 
