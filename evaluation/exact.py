@@ -192,8 +192,10 @@ class GaussianMixture:
 class ExactScoreModel(ModelMixin, ConfigMixin):
     """A ``UNet2DModel`` stand-in whose output is exact: the mixture's true ε, x0, v, score or velocity.
 
-    The timestep (integer or fractional) maps to (s, σ) through the same VP schedule the schedulers use,
-    so ``model(x_t, t).sample`` is what a perfectly trained network of that ``prediction_type`` would say.
+    The timestep (integer or fractional) maps to the state's coefficients through the same VP schedule the
+    schedulers use, or, with ``model_process="flow"``, through the straight path x = (1 − τ) x0 + τ ε at
+    τ = timestep / num_train_timesteps; so ``model(x_t, t).sample`` is what a perfectly trained network of
+    that process and ``prediction_type`` would say.
     Saved and loaded with ``save_pretrained`` / ``from_pretrained`` (safetensors) like any diffusers model.
     """
 
@@ -210,8 +212,11 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
         beta_schedule: str = "linear",
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
+        model_process: str = "vp",
     ):
         super().__init__()
+        if model_process not in ("vp", "flow"):
+            raise ValueError(f"model_process must be 'vp' or 'flow', got {model_process!r}")
         h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         d = in_channels * h * w
         self.register_buffer("means", torch.zeros(num_components, d, dtype=torch.float64))
@@ -250,7 +255,11 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(len(sample)).cpu()
-        alpha, beta = self.schedule.coefficients(t)
+        if self.config.model_process == "flow":
+            tau = t / self.config.num_train_timesteps
+            alpha, beta = 1 - tau, tau
+        else:
+            alpha, beta = self.schedule.coefficients(t)
         x = sample.cpu().double()  # differentiable: likelihood and guidance take gradients through it
         x_ve = x / expand_to(alpha, x)  # the VE state x0 + σ ε, σ = β̄/ᾱ
         labels = None if class_labels is None else torch.as_tensor(class_labels).cpu()
@@ -260,3 +269,33 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
+
+
+class ExactNoisyClassifier(ModelMixin, ConfigMixin):
+    """The mixture's exact noisy classifier p(y | x_t) with the ``models.classifier.NoisyClassifier`` interface:
+    ``forward(x_t, t)`` gives log-posteriors (logits) of x_t = ᾱ_t x0 + β̄_t ε under the recorded VP schedule, and
+    ``features`` the same vector (for similarity guidance). Exact classifier guidance at γ = 1 then turns the
+    unconditional exact score into the exact class-conditional one."""
+
+    @register_to_config
+    def __init__(self, num_classes: int = 1, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
+                 beta_start: float = 0.0001, beta_end: float = 0.02):
+        super().__init__()
+        self.schedule = VPSchedule(make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end))
+        # no weights: one frozen float64 parameter tells callers the dtype to feed it
+        self.precision = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    @classmethod
+    def from_mixture(cls, mixture: GaussianMixture, **schedule) -> ExactNoisyClassifier:
+        classifier = cls(num_classes=mixture.num_classes, **schedule)
+        classifier.mixture = mixture
+        return classifier
+
+    def forward(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(len(sample)).cpu()
+        alpha, beta = self.schedule.coefficients(t)
+        x = sample.cpu().double()
+        return self.mixture.class_log_posterior(x / expand_to(alpha, x), beta / alpha).to(sample.dtype)
+
+    def features(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        return self.forward(sample, timestep)

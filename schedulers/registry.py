@@ -15,7 +15,15 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 # Keys that describe the trained model's forward process; a sampler built for a model inherits them.
 TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "prediction_type", "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range")
+                 "prediction_type", "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
+                 "model_process", "pfgm_D", "udm_operator", "udm_noise", "udm_prior_mean", "udm_prior_std")
+
+
+# How a model gets a value a sampler requires.
+REQUIREMENT_HINTS = {
+    "eps_second_moment": "run `python -m schedulers.analytic MODEL_DIR` (Analytic-DPM's E‖ε_θ‖²/d table)",
+    "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
+}
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,9 @@ class SamplerSpec:
         config.update(overrides)
         missing = [key for key in self.requires if config.get(key) is None]
         if missing:
-            raise ValueError(f"sampler {self.name!r} needs {', '.join(missing)} from the model; "
-                             f"for Analytic-DPM run `python -m schedulers.analytic MODEL_DIR`")
+            hints = "; ".join(REQUIREMENT_HINTS[key] for key in missing if key in REQUIREMENT_HINTS)
+            raise ValueError(f"sampler {self.name!r} needs {', '.join(missing)} from the model"
+                             + (f": {hints}" if hints else ""))
         return self.scheduler_class(**config)
 
     def drives(self, process: str) -> bool:
@@ -65,7 +74,9 @@ def register(name: str, **metadata):
     def decorate(cls):
         if name in SAMPLERS:
             raise ValueError(f"sampler {name!r} is registered twice")
-        SAMPLERS[name] = SamplerSpec(name=name, scheduler_class=cls, **metadata)
+        # Without ``processes``, the class says which forward processes' models it drives (default: VP).
+        entry = {"processes": getattr(cls, "supported_processes", ("vp",)), **metadata}
+        SAMPLERS[name] = SamplerSpec(name=name, scheduler_class=cls, **entry)
         return cls
 
     return decorate

@@ -66,6 +66,9 @@ def noise_level_family(noise_level: float, corrector_steps: int = 0, snr: float 
 class ReverseSDEScheduler(SigmaSpaceScheduler):
     """The noise-level family of reverse processes, with an optional Langevin corrector."""
 
+    # Not edm/pfgmpp: its fresh noise is Gaussian, the wrong kernel for PFGM++, and its default grids are VP times.
+    supported_processes = ("vp", "flow")
+
     @register_to_config
     def __init__(
         self,
@@ -75,6 +78,7 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
         prediction_type: str = "epsilon",
+        model_process: str = "vp",
         noise_level: float = 1.0,
         corrector_steps: int = 0,
         snr: float = 0.16,

@@ -13,9 +13,9 @@ needs the denoiser, ``yield``s the point (σ, x) and receives D(x; σ) — the p
 fixed-step solver asks for the same σ's whatever the model says, ``set_timesteps`` traces the loop once with
 a zero denoiser to list the evaluation points; ``timesteps`` are the model's (fractional) training timesteps
 at those σ's, so multi-evaluation solvers need no doubled-timestep bookkeeping. The pipeline's sample is
-x_ve = x0 + σ ε (``init_noise_sigma`` = sqrt(1 + σ_max²)); ``scale_model_input`` gives a VP model its own
-input ᾱ x_ve with ᾱ = 1/sqrt(1 + σ²), and ``step`` decodes any parameterization into D through
-``process.to_x0_and_epsilon``.
+x_ve = x0 + σ ε (``init_noise_sigma`` = sqrt(1 + σ_max²)). The model may have been trained on another process
+(config ``model_process``: ``vp`` or ``flow``): its ``ModelAdapter`` (``model_adapters.py``) gives the network's
+input scale (``scale_model_input``) and time (``timesteps``), and decodes any parameterization into D (``step``).
 """
 
 from __future__ import annotations
@@ -26,37 +26,24 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as Schedule
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .process import VPSchedule, to_x0_and_epsilon
+from .model_adapters import MODEL_ADAPTERS, make_model_adapter
+from .process import VPSchedule
 from .sigmas import make_sigmas
 
 FINAL_SIGMAS = ("zero", "sigma_min")
-
-
-def vp_model_input_scale(sigma: torch.Tensor) -> torch.Tensor:
-    """ᾱ = 1/sqrt(1 + σ²): a VP model sees ᾱ x_ve at the timestep whose noise level is σ."""
-    return 1 / (1 + sigma**2).sqrt()
-
-
-def denoise_with_vp_model(model_call, x_ve: torch.Tensor, sigma, schedule: VPSchedule,
-                          prediction_type: str) -> torch.Tensor:
-    """D(x_ve; σ) from a model trained on a discrete VP process: ``model_call(ᾱ x_ve, t(σ))`` decoded to x̂0."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    alpha = vp_model_input_scale(sigma)
-    x = x_ve * alpha.to(x_ve.dtype)
-    output = model_call(x, schedule.timestep_of_sigma(sigma))
-    x0, _ = to_x0_and_epsilon(prediction_type, output.to(x.dtype), x, alpha, sigma * alpha)
-    return x0
 
 
 class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     """Base of the σ-space samplers; subclasses define ``solver(x, sigmas, noise)`` as a generator."""
 
     order = 1
+    supported_processes = tuple(MODEL_ADAPTERS)  # the registry's default ``processes`` for these samplers
 
     def _init_sigma_space(self):
         if self.config.final_sigma not in FINAL_SIGMAS:
             raise ValueError(f"final_sigma must be one of {FINAL_SIGMAS}, got {self.config.final_sigma!r}")
         self.schedule = VPSchedule.from_config(self.config)
+        self.adapter = make_model_adapter(self.config, self.schedule)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.zeros(0)
@@ -73,10 +60,9 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     # ---------------------------------------------------------------- the grid and its evaluation points
 
     def sigma_range(self) -> tuple[float, float]:
-        """(σ_min, σ_max): the config's, or the training schedule's first and last step."""
-        low = self.config.sigma_min or float(self.schedule.sigma(torch.tensor(0)))
-        high = self.config.sigma_max or float(self.schedule.sigma(torch.tensor(self.config.num_train_timesteps - 1)))
-        return low, high
+        """(σ_min, σ_max): the config's, or the range the model was trained on."""
+        low, high = self.adapter.sigma_range()
+        return self.config.sigma_min or low, self.config.sigma_max or high
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None):
         """Lay out ``num_inference_steps`` grid points (or take ``sigmas``, descending) and trace the solver."""
@@ -97,7 +83,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = grid
         self.num_inference_steps = len(grid) - 1
         self.evaluation_sigmas = self._trace(grid)
-        self.timesteps = self.schedule.timestep_of_sigma(self.evaluation_sigmas).to(torch.float32).to(device)
+        self.timesteps = self.adapter.timestep(self.evaluation_sigmas).to(torch.float32).to(device)
         self.init_noise_sigma = float((1 + grid[0] ** 2).sqrt())
         self._run = None
         self._step_index = 0
@@ -128,8 +114,8 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         return self.evaluation_sigmas[self._step_index]
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The model's input ᾱ x_ve at the current σ (ᾱ = 1/sqrt(1 + σ²), a VP model's scale)."""
-        return sample * vp_model_input_scale(self._current_sigma()).to(sample.dtype)
+        """The network's input s(σ) x_ve at the current σ (ᾱ x_ve for a VP model)."""
+        return sample * self.adapter.input_scale(self._current_sigma()).to(sample.dtype)
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
@@ -137,10 +123,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """Feed the denoiser's answer at the current evaluation point to the solver; get its next point."""
-        sigma = self._current_sigma()
-        alpha = vp_model_input_scale(sigma)
-        denoised, _ = to_x0_and_epsilon(self.config.prediction_type, model_output, sample * alpha.to(sample.dtype),
-                                        alpha, sigma * alpha)
+        denoised = self.adapter.denoised(model_output, sample, self._current_sigma())
         self._generator = generator
         if self._run is None:
             self._run = self.solver(sample, self.sigmas, self._noise)

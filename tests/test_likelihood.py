@@ -57,3 +57,16 @@ def test_bad_arguments(mixture):
         log_likelihood(lambda v, s: v, x, SIGMA_MIN, SIGMA_MAX, trace="skilling")
     with pytest.raises(ValueError, match="sigma_min"):
         log_likelihood(lambda v, s: v, x, 1.0, 0.5)
+
+
+def test_dequantize_spreads_each_pixel_over_its_bin():
+    """x = 2 (k + u)/256 − 1: pixel k's samples fill [2k/256 − 1, 2(k + 1)/256 − 1), the bins of bits_per_dim."""
+    from evaluation.likelihood import dequantize
+
+    pixels = torch.tensor([0, 127, 255], dtype=torch.uint8).repeat(2000)
+    x = dequantize(pixels, seeded(0)).reshape(2000, 3)
+    low = 2 * torch.tensor([0, 127, 255], dtype=torch.float64) / 256 - 1
+    assert torch.all(x >= low) and torch.all(x < low + 2 / 256)
+    assert torch.allclose(x.mean(0), low + 1 / 256, atol=2e-4)  # uniform: centred in the bin
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize(pixels.float())

@@ -47,7 +47,9 @@ def generate(mixture, sampler, steps, seed=0, model_config=None, **overrides):
                                              output_type="raw").images
 
 
-@pytest.mark.parametrize("sampler", list(schedulers.SAMPLERS))
+# dpmpp-2m-mv carries a table fitted for one grid and step count: tests/test_ode_options.py covers it.
+@pytest.mark.parametrize("sampler", [name for name in schedulers.samplers_for("vp")
+                                     if "mean_value_points" not in schedulers.get_sampler(name).requires])
 def test_every_sampler_converges_to_the_mixture(mixture, reference, model_config, sampler):
     converged = generate(mixture, sampler, 1000, model_config=model_config)
     few_steps = generate(mixture, sampler, FEW_STEPS, model_config=model_config)
