@@ -6,19 +6,23 @@ Importing the package registers every sampler; ``SAMPLERS`` maps names to ``Samp
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .ode import AdaptiveODEScheduler, ProbabilityFlowScheduler
+from .pfgm import PFGMppScheduler
 from .process import PREDICTION_TYPES, VPSchedule, convert, to_x0_and_epsilon
 from .registry import SAMPLERS, SamplerSpec, get_sampler, register, samplers_for
 from .sde import ReverseSDEScheduler
+from .udm import UDMScheduler
 
 __all__ = [
     "AdaptiveODEScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "PFGMppScheduler",
     "PREDICTION_TYPES",
     "ProbabilityFlowScheduler",
     "ReverseSDEScheduler",
     "SAMPLERS",
     "SamplerSpec",
+    "UDMScheduler",
     "VPSchedule",
     "convert",
     "get_sampler",

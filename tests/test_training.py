@@ -211,6 +211,27 @@ def test_resume_after_sigkill_is_exact(reference, tmp_path):
     assert_same_run(output_dir, reference)
 
 
+def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(reference, tmp_path):
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(training_command(output_dir), cwd=REPO, env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not (output_dir / "metrics.jsonl").exists() or len(metrics(output_dir)) < 3:
+        assert process.poll() is None, "the training exited before it was stopped"
+        assert time.monotonic() < deadline, "no training steps within the time limit"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 0, output[-2000:]
+    stopped_at = metrics(output_dir)[-1]["step"]
+    assert 3 <= stopped_at < STEPS and f"stopped at step {stopped_at}" in output
+    assert [path.name for path in complete_checkpoints(output_dir)][-1] == f"checkpoint-{stopped_at}"
+    assert not (output_dir / "model").exists()  # a stopped run is not exported as if finished
+
+    run(training_command(output_dir, "--resume", "latest"))
+    assert_same_run(output_dir, reference)
+
+
 def test_resume_falls_back_past_a_checkpoint_without_its_marker(reference, tmp_path):
     output_dir = tmp_path / "run"
     shutil.copytree(reference, output_dir)

@@ -20,7 +20,9 @@ tensorboard is installed (the same scalars, plus an EMA sample grid every ``--sa
 as ``samples/step-STEP.png``), ``checkpoint-STEP/`` every ``--checkpoint-every`` steps and at the end (see
 ``train.checkpointing``; the last ``--keep-checkpoints`` are kept), and the exported pipeline (EMA weights,
 ``model/`` unless ``--export DIR``). ``--resume latest`` continues from the newest complete checkpoint and
-truncates ``metrics.jsonl`` to it; resuming a finished run only exports it again.
+truncates ``metrics.jsonl`` to it; resuming a finished run only exports it again. SIGTERM or SIGINT (the app's
+Stop, Ctrl-C, a cluster's preemption notice) finishes the current step, writes a checkpoint there and exits
+without exporting: nothing is lost, and ``--resume latest`` continues exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,7 +55,6 @@ from tqdm import tqdm
 
 from models.unet import UNET_CONFIGS, build_unet
 from pipelines import DiffusionImagePipeline
-from schedulers import DDIMScheduler
 from train.checkpointing import (
     complete_checkpoints,
     discard_checkpoints_after,
@@ -62,11 +64,12 @@ from train.checkpointing import (
     save_checkpoint,
 )
 from train.data import ImageDataset, load_dataset
-from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, make_objective
+from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, accepted_options, make_objective
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
 # What a resumed run must share with the run that wrote the checkpoint for the continuation to be exact.
+PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise")  # passed to (and kept invariant by) the objectives that take them
 RESUME_INVARIANTS = ("dataset", "image_size", "max_train_images", "objective", "timestep_sampling", "model",
                      "conditional", "label_dropout", "seed", "batch_size", "num_processes", "grad_accum")
 # Independent random streams of a run, mixed into the seed so data order and noise never share draws.
@@ -104,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="class-conditional with a null class (default when the dataset has labels)")
     conditioning.add_argument("--unconditional", dest="conditional", action="store_false")
     model.add_argument("--label-dropout", type=float, default=0.1, help="probability of training on the null class")
+    process = parser.add_argument_group("process options (only the objectives that have them use them)")
+    process.add_argument("--pfgm-D", "--D", dest="pfgm_D", type=int, default=128,
+                         help="pfgmpp: extra dimensions D (1 = PFGM, larger → EDM; --objective edm is D = ∞)")
+    process.add_argument("--udm-loss", choices=["l1", "l2"], default="l1", help="udm-*: the x0 regression's norm")
+    process.add_argument("--udm-noise", type=float, default=0.01,
+                         help="udm-blur/udm-mask: std of the small noise added to the deterministic corruption")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, required=True, help="optimizer steps to train for (in total)")
     optim.add_argument("--batch-size", type=int, default=64, help="per process; effective = × processes × grad-accum")
@@ -150,11 +159,11 @@ def default_mixed_precision(cpu: bool) -> str:
     return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def launch_command(argv: list[str], num_processes: int) -> str:
+def launch_command(argv: list[str], num_processes: int, module: str = "train.diffusion") -> str:
     """The command line that reproduces this run (thread count included: it changes float summation order)."""
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     launcher = ["python"] if num_processes == 1 else ["torchrun", f"--nproc_per_node={num_processes}"]
-    return threads + shlex.join([*launcher, "-m", "train.diffusion", *argv])
+    return threads + shlex.join([*launcher, "-m", module, *argv])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,10 +277,11 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def ema_pipeline(ema: EMAModel, unet_config, objective: Objective, info: dict[str, Any]) -> DiffusionImagePipeline:
     """A pipeline around a fresh UNet holding the EMA weights (the training model stays untouched), with the
-    objective's scheduler (DDIM, η = 0) and ``info`` as its ``model_info``."""
+    objective's scheduler (``make_scheduler``: DDIM η = 0 for VP, Heun for flow) and ``info`` as its
+    ``model_info``."""
     unet = UNet2DModel.from_config(unet_config)
     ema.copy_to(unet.parameters())
-    pipeline = DiffusionImagePipeline(unet.eval(), DDIMScheduler(**objective.scheduler_config()), info)
+    pipeline = DiffusionImagePipeline(unet.eval(), objective.make_scheduler(), info)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -348,9 +358,10 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_unet(args.model, args.image_size, dataset.channels, num_classes)
+    process_options = accepted_options(args.objective, {name: getattr(args, name) for name in PROCESS_OPTIONS})
     objective = make_objective(args.objective, label_dropout=args.label_dropout,
                                timestep_sampling=args.timestep_sampling,
-                               null_class_id=num_classes if num_classes else None)
+                               null_class_id=num_classes if num_classes else None, **process_options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     lr_schedule = get_scheduler(LR_DECAYS[args.lr_decay], optimizer, num_warmup_steps=args.warmup,
                                 num_training_steps=args.steps)
@@ -360,7 +371,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema, objective)
 
-    invariants = {name: getattr(args, name) for name in RESUME_INVARIANTS}
+    invariants = {**{name: getattr(args, name) for name in RESUME_INVARIANTS}, **process_options}
     start_step = _resume(accelerator, args, invariants)
     config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "effective_batch_size": global_batch * args.grad_accum, "train_images": len(train_set),
@@ -383,6 +394,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     step = start_step
     progress = tqdm(total=args.steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     model.train()
+    stop = StopRequest(accelerator)
     while step < args.steps:
         step_loss = 0.0
         for micro in range(args.grad_accum):
@@ -410,7 +422,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
         metrics.log(step, {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)})
         progress.update()
         progress.set_postfix(loss=f"{step_loss:.4f}")
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        stopping = stop.requested()
+        if step % args.checkpoint_every == 0 or step == args.steps or stopping:
             save_checkpoint(accelerator, output_dir, step, {"micro_step": step * args.grad_accum,
                                                             "samples_seen": step * args.grad_accum * global_batch,
                                                             "invariants": invariants},
@@ -422,7 +435,13 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
             (output_dir / "samples").mkdir(exist_ok=True)
             grid.save(output_dir / "samples" / f"step-{step}.png")
             metrics.log_image(step, "ema_samples", grid)
+        if stopping:
+            progress.close()
+            accelerator.end_training()
+            accelerator.print(f"stopped at step {step}, checkpoint saved: continue with --resume latest")
+            return output_dir / f"checkpoint-{step}"
     progress.close()
+    stop.restore()
 
     # data parallelism must leave every process with the same weights; record each one's digest to show it
     digests = gather_object([weights_digest(unwrapped)])
@@ -438,6 +457,32 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     accelerator.end_training()
     accelerator.print(f"exported the EMA model to {export_dir}")
     return export_dir
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag instead of killing the run; the loop checks it after every step. With several
+    processes the flag is summed over ranks, so all of them stop after the same step (a signal reaching one
+    rank first cannot leave the others waiting in a collective)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.flag = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.flag
+        flags = self.accelerator.reduce(torch.tensor([float(self.flag)], device=self.accelerator.device), "sum")
+        return bool(flags.item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _resume(accelerator: Accelerator, args: argparse.Namespace, invariants: dict[str, Any]) -> int:

@@ -12,23 +12,32 @@ is the config of the matching scheduler and ``model_info()`` the fields a pipeli
 The forward-process math (ᾱ_t, β̄_t, the targets of each parameterization) lives in ``schedulers.process``;
 the objectives only draw the random quantities and call it.
 
-``OBJECTIVES`` maps names to factories: ``vp-eps``, ``vp-x0``, ``vp-v``. Later processes register their own.
+``OBJECTIVES`` maps names to factories: ``vp-eps``, ``vp-x0``, ``vp-v``, ``flow`` (rectified flow /
+conditional flow matching), ``pfgmpp`` (PFGM++ with D extra dimensions) and ``edm`` (its D = ∞ limit), and
+``udm-blur``, ``udm-mask``, ``udm-noise`` (the unified diffusion model's operators). Later processes register
+their own.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
+from schedulers import DDIMScheduler, PFGMppScheduler, ProbabilityFlowScheduler, UDMScheduler
+from schedulers.model_adapters import EDMModelAdapter
+from schedulers.pfgm import check_extra_dims, pfgmpp_noise
 from schedulers.process import BETA_SCHEDULES, VPSchedule, expand_to, make_betas, target_from_x0_and_epsilon
+from schedulers.udm import model_timestep
 
 # The VP objectives' registry names, by what the network predicts.
 VP_OBJECTIVE_NAMES = {"epsilon": "vp-eps", "sample": "vp-x0", "v_prediction": "vp-v"}
-TIMESTEP_SAMPLINGS = ("uniform", "importance")
+VP_TIMESTEP_SAMPLINGS = ("uniform", "importance")
+TIMESTEP_SAMPLINGS = (*VP_TIMESTEP_SAMPLINGS, "logit_normal")  # logit-normal: the flow objective's
 
 
 class TrainingBatch(NamedTuple):
@@ -136,7 +145,8 @@ def make_timestep_sampler(timestep_sampling: str, num_train_timesteps: int):
         return UniformTimesteps(num_train_timesteps)
     if timestep_sampling == "importance":
         return ImportanceTimesteps(num_train_timesteps)
-    raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; choose one of {TIMESTEP_SAMPLINGS}")
+    raise ValueError(f"a VP objective's timestep_sampling is {' or '.join(VP_TIMESTEP_SAMPLINGS)}, "
+                     f"got {timestep_sampling!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +173,10 @@ class Objective(ABC):
     @abstractmethod
     def scheduler_config(self) -> dict[str, Any]:
         """The config of a scheduler that samples from a model trained with this objective."""
+
+    @abstractmethod
+    def make_scheduler(self):
+        """The scheduler an exported pipeline ships with (its config is ``scheduler_config()``)."""
 
     @abstractmethod
     def model_info(self) -> dict[str, Any]:
@@ -268,8 +282,201 @@ class VPObjective(Objective):
             "clip_sample": False,
         }
 
+    def make_scheduler(self):
+        return DDIMScheduler(**self.scheduler_config())
+
     def model_info(self) -> dict[str, Any]:
         return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name}
+
+
+class FlowObjective(Objective):
+    """Rectified flow / conditional flow matching (Liu et al. 2022; Lipman et al. 2023; Su parts 15–17).
+
+    On the straight path x_t = (1 − t) x0 + t ε the network regresses the velocity u = dx_t/dt = ε − x0
+    (prediction type ``velocity``) at t ∈ (0, 1), fed to it as ``t · time_scale`` so a UNet2DModel's sinusoidal
+    time embedding sees the same range as a 1000-step DDPM. t is uniform, or logit-normal (Esser et al. 2024,
+    SD3 §3.1: t = sigmoid(n), n ~ N(0, 1), which spends the steps mid-path). In σ-space the path is
+    x0 + σ ε with σ = t/(1 − t), so every σ-space sampler drives the model (``schedulers/model_adapters.py``).
+    """
+
+    name = "flow"
+    process = "flow"
+    prediction_type = "velocity"
+
+    def __init__(self, timestep_sampling: str = "uniform", label_dropout: float = 0.1,
+                 null_class_id: int | None = None, time_scale: int = 1000):
+        super().__init__(label_dropout, null_class_id)
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"the flow objective samples t 'uniform' or 'logit_normal', got {timestep_sampling!r}")
+        self.timestep_sampling = timestep_sampling
+        self.time_scale = time_scale
+
+    def _times(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.timestep_sampling == "logit_normal":
+            return torch.sigmoid(torch.randn(n, generator=generator))
+        return torch.rand(n, generator=generator)
+
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
+        t = self._times(len(x0), generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t = t.to(x0.device)
+        noisy = expand_to(1 - t, x0) * x0 + expand_to(t, x0) * noise
+        class_labels = self.drop_labels(labels, generator)
+        return TrainingBatch(noisy, {"timestep": t * self.time_scale, "class_labels": class_labels}, noise - x0,
+                             torch.ones(len(x0), device=x0.device))
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return {"num_train_timesteps": self.time_scale, "prediction_type": self.prediction_type,
+                "model_process": self.process, "solver": "heun", "sigma_schedule": "flow"}
+
+    def make_scheduler(self):
+        return ProbabilityFlowScheduler(**self.scheduler_config())
+
+    def model_info(self) -> dict[str, Any]:
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "timestep_sampling": self.timestep_sampling}
+
+
+class PFGMppObjective(Objective):
+    """PFGM++ with ``pfgm_D`` extra dimensions (Xu et al. 2023, ``training/loss.py`` of Newbeeer/pfgmpp).
+
+    σ is drawn as EDM's, ln σ ~ N(P_mean, P_std²) = N(−1.2, 1.2²); r = σ√D and x = x0 + R u with
+    R = r sqrt(B/(1 − B)), B ~ Beta(N/2, D/2) (``schedulers.pfgm.pfgmpp_noise``). The network is EDM's
+    preconditioned denoiser (``EDMModelAdapter``): input c_in x at time t(c_noise), and the regression target
+    (x0 − c_skip x)/c_out, on which EDM's weight λ(σ) = (σ² + σ_d²)/(σ σ_d)² = 1/c_out² becomes 1 (EDM eq. 8).
+    """
+
+    name = process = "pfgmpp"
+    prediction_type = "edm"
+    P_MEAN, P_STD = -1.2, 1.2
+
+    def __init__(self, pfgm_D: int | None = 128, timestep_sampling: str = "uniform", label_dropout: float = 0.1,
+                 null_class_id: int | None = None):
+        super().__init__(label_dropout, null_class_id)
+        if timestep_sampling != "uniform":
+            raise ValueError(f"{self.name} draws σ log-normally (EDM); --timestep-sampling must stay 'uniform', "
+                             f"got {timestep_sampling!r}")
+        self.pfgm_D = check_extra_dims(pfgm_D)
+        self.adapter = EDMModelAdapter()
+
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
+        sigma = torch.exp(self.P_MEAN + self.P_STD * torch.randn(len(x0), generator=generator, dtype=torch.float64))
+        noisy = x0 + pfgmpp_noise(x0.shape, sigma, self.pfgm_D, generator).to(x0)
+        skip, out = self.adapter.skip_and_out(sigma)
+        scale = self.adapter.input_scale(sigma)
+        target = (x0 - expand_to(skip.to(x0.device), x0) * noisy) / expand_to(out.to(x0.device), x0)
+        class_labels = self.drop_labels(labels, generator)
+        return TrainingBatch(expand_to(scale.to(x0.device), x0) * noisy,
+                             {"timestep": self.adapter.timestep(sigma).float().to(x0.device),
+                              "class_labels": class_labels},
+                             target, torch.ones(len(x0), device=x0.device))
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return {"prediction_type": self.prediction_type, "model_process": "edm", "pfgm_D": self.pfgm_D,
+                "solver": "heun", "sigma_schedule": "karras", "sigma_min": EDMModelAdapter.SIGMA_MIN,
+                "sigma_max": EDMModelAdapter.SIGMA_MAX}
+
+    def make_scheduler(self):
+        return PFGMppScheduler(**self.scheduler_config())
+
+    def model_info(self) -> dict[str, Any]:
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "pfgm_D": self.pfgm_D, "sigma_data": EDMModelAdapter.SIGMA_DATA}
+
+
+class EDMObjective(PFGMppObjective):
+    """EDM (Karras et al. 2022): PFGM++'s D → ∞ limit, x = x0 + σ ε. Every σ-space sampler drives it."""
+
+    name = process = "edm"
+
+    def __init__(self, timestep_sampling: str = "uniform", label_dropout: float = 0.1,
+                 null_class_id: int | None = None):
+        super().__init__(None, timestep_sampling, label_dropout, null_class_id)
+
+    def scheduler_config(self) -> dict[str, Any]:
+        config = super().scheduler_config()
+        del config["pfgm_D"]
+        return config
+
+    def make_scheduler(self):
+        return ProbabilityFlowScheduler(**self.scheduler_config())
+
+
+class UDMObjective(Objective):
+    """The unified diffusion model's x0-prediction (Su part 10): x_t = F_t(x0, ε) for a ``schedulers.udm``
+    operator at t ~ U{1, …, T}, loss ‖x0 − G(x_t, t)‖ in L1 (cold diffusion's, Su part 11) or L2.
+
+    The blur operator's prior needs the law of F_T(x0) = x0's mean colour; the objective keeps running sums of
+    the per-channel means of the batches it sees (checkpointed) and ships their mean and standard deviation.
+    """
+
+    prediction_type = "sample"
+    LOSSES = ("l1", "l2")
+
+    def __init__(self, operator: str = "blur", num_train_timesteps: int | None = None, udm_loss: str = "l1",
+                 udm_noise: float = 0.01, timestep_sampling: str = "uniform", label_dropout: float = 0.1,
+                 null_class_id: int | None = None):
+        super().__init__(label_dropout, null_class_id)
+        if udm_loss not in self.LOSSES:
+            raise ValueError(f"udm_loss must be one of {self.LOSSES}, got {udm_loss!r}")
+        if timestep_sampling != "uniform":
+            raise ValueError(f"UDM objectives draw t uniformly; --timestep-sampling must stay 'uniform', "
+                             f"got {timestep_sampling!r}")
+        self.name = self.process = f"udm-{operator}"
+        self.num_train_timesteps = num_train_timesteps or (1000 if operator == "noise" else 200)
+        self.udm_loss, self.udm_noise = udm_loss, udm_noise
+        self.colour_sums = torch.zeros(3, 0, dtype=torch.float64)  # (count, Σ mean, Σ mean²) per channel
+        self.operator = self.make_scheduler().operator  # validates the operator's settings
+
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
+        t = torch.randint(1, self.num_train_timesteps + 1, (len(x0),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        noisy = self.operator.forward(x0, noise, t)
+        colours = x0.detach().double().mean(dim=(2, 3)).cpu()  # (B, C)
+        if self.colour_sums.shape[1] == 0:
+            self.colour_sums = torch.zeros(3, x0.shape[1], dtype=torch.float64)
+        self.colour_sums += torch.stack([torch.full_like(colours[0], len(x0)), colours.sum(0), colours.pow(2).sum(0)])
+        class_labels = self.drop_labels(labels, generator)
+        return TrainingBatch(noisy, {"timestep": model_timestep(t, self.num_train_timesteps).to(x0.device),
+                                     "class_labels": class_labels}, x0, torch.ones(len(x0), device=x0.device))
+
+    def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 as the base class's; L1: mean_i w_i · mean_pixels |f_i − y_i|."""
+        if self.udm_loss == "l2":
+            return super().loss(model_output, batch)
+        if model_output.shape != batch.target.shape:
+            raise ValueError(f"model output of shape {tuple(model_output.shape)} does not match the target's "
+                             f"{tuple(batch.target.shape)}")
+        per_sample = (model_output.float() - batch.target.float()).abs().flatten(1).mean(dim=1)
+        return (batch.loss_weight.to(per_sample.device) * per_sample).mean(), per_sample.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"colour_sums": self.colour_sums.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.colour_sums = state["colour_sums"].clone()
+
+    def prior_colour(self) -> tuple[list[float] | None, list[float] | None]:
+        """Mean and standard deviation of the per-channel mean colour seen so far (None before any batch)."""
+        if self.colour_sums.shape[1] == 0:
+            return None, None
+        count, total, squares = self.colour_sums
+        mean = total / count
+        return mean.tolist(), (squares / count - mean**2).clamp(min=0).sqrt().tolist()
+
+    def scheduler_config(self) -> dict[str, Any]:
+        operator = self.process.removeprefix("udm-")
+        mean, std = self.prior_colour()
+        return {"num_train_timesteps": self.num_train_timesteps, "udm_operator": operator,
+                "udm_noise": self.udm_noise, "udm_rule": "invertible" if operator == "noise" else "improved",
+                "udm_prior_mean": mean, "udm_prior_std": std, "prediction_type": self.prediction_type}
+
+    def make_scheduler(self):
+        return UDMScheduler(**self.scheduler_config())
+
+    def model_info(self) -> dict[str, Any]:
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "udm_loss": self.udm_loss, "udm_noise": self.udm_noise}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,9 +484,21 @@ class VPObjective(Objective):
 # --------------------------------------------------------------------------------------------------
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    name: functools.partial(VPObjective, prediction_type=prediction_type)
-    for prediction_type, name in VP_OBJECTIVE_NAMES.items()
+    **{name: functools.partial(VPObjective, prediction_type=prediction_type)
+       for prediction_type, name in VP_OBJECTIVE_NAMES.items()},
+    "flow": FlowObjective,
+    "pfgmpp": PFGMppObjective,
+    "edm": EDMObjective,
+    **{f"udm-{operator}": functools.partial(UDMObjective, operator=operator) for operator in ("blur", "mask", "noise")},
 }
+
+
+def accepted_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that objective ``name``'s factory takes (a process's own settings, such as
+    ``pfgm_D``, reach only the objectives that have them)."""
+    factory = OBJECTIVES[name]
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    return {key: value for key, value in options.items() if key in inspect.signature(cls.__init__).parameters}
 
 
 def make_objective(name: str, **options) -> Objective:
