@@ -1,4 +1,4 @@
-"""One pipeline for image diffusion models: unconditional or class-conditional, any scheduler, CFG.
+"""One pipeline for image diffusion models: unconditional or class-conditional, any scheduler, any guidance.
 
 Classifier-free guidance (Ho & Salimans 2022; Su part 9) mixes the conditional and unconditional outputs,
 
@@ -7,7 +7,8 @@ Classifier-free guidance (Ho & Salimans 2022; Su part 9) mixes the conditional a
 w = 1 plain conditional sampling, w = 0 unconditional. Every parameterization (ε, x0, v, score, velocity)
 is affine in ε with the same coefficients at fixed (x_t, t), so mixing raw model outputs is the same as
 mixing ε whatever the model predicts. The unconditional output is the model's answer for the null class
-id ``num_class_embeds − 1`` that label dropout trained it on.
+id ``num_class_embeds − 1`` that label dropout trained it on. Classifier, clean-classifier and similarity
+guidance rewrite the output through ε̃ = ε − β̄ γ ∇ log p(y | x_t) (``guidance.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 # from_pretrained resolves the project's components (schedulers, the exact model) through imported modules.
 import evaluation.exact  # noqa: F401, E402
+import models.classifier  # noqa: F401, E402
 import schedulers  # noqa: F401, E402
+from schedulers.model_adapters import make_model_adapter
+from schedulers.process import PREDICTION_TYPES, VPSchedule
+
+from .guidance import CLASSIFIER_MODES, Guidance, classifier_guided_output
 
 OUTPUT_TYPES = ("pil", "np", "pt", "raw")
 MAX_STEPS = 10_000
@@ -49,10 +55,11 @@ class DiffusionImagePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["classifier"]
 
-    def __init__(self, unet, scheduler, model_info: dict | None = None):
+    def __init__(self, unet, scheduler, model_info: dict | None = None, classifier=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
         self.register_to_config(model_info=dict(model_info or {}))
         self._image_processor = VaeImageProcessor(do_resize=False)
 
@@ -74,6 +81,18 @@ class DiffusionImagePipeline(DiffusionPipeline):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return self.unet.config.in_channels, h, w
 
+    @property
+    def guidance_modes(self) -> list[str]:
+        """The ``guidance_mode`` values this pipeline can run with its own components ("classifier-x0" also
+        works when a clean classifier is passed to the call)."""
+        modes = ["none"]
+        if self.null_class_id is not None:
+            modes.append("classifier-free")
+        if (self.classifier is not None and hasattr(self.classifier, "features")
+                and self.scheduler.config.prediction_type in PREDICTION_TYPES):
+            modes += ["classifier", "similarity"]
+        return modes
+
     def set_attention_backend(self, backend: str, entropy_invariant_n0: int | None = None) -> int:
         """Run the model's attention on ``backend`` ("triton", "sdpa", "xformers", "math"), optionally with the
         entropy-invariant scale log_{n0}(n)/sqrt(d) (``kernels/processor.py``); returns the blocks switched."""
@@ -83,19 +102,47 @@ class DiffusionImagePipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------- the guided model call
 
+    def _network(self, timestep, labels: torch.Tensor | None):
+        """x ↦ the model's output at ``timestep`` for ``labels`` (None: an unconditional model)."""
+        if labels is None:
+            return lambda x: self.unet(x, timestep).sample
+        return lambda x: self.unet(x, timestep, class_labels=labels).sample
+
+    def model_adapter(self):
+        """How the model's inputs relate to σ-space (``schedulers/model_adapters.py``), from its scheduler."""
+        return make_model_adapter(self.scheduler.config, VPSchedule.from_config(self.scheduler.config))
+
     def guided_model_output(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None,
-                            guidance_scale: float) -> tuple[torch.Tensor, int]:
-        """The model output to step with, and how many network evaluations per image it cost."""
-        if class_labels is None:
-            return self.unet(sample, timestep).sample, 1
-        null = torch.full_like(class_labels, self.null_class_id)
-        if guidance_scale == 1.0:
-            return self.unet(sample, timestep, class_labels=class_labels).sample, 1
-        if guidance_scale == 0.0:
-            return self.unet(sample, timestep, class_labels=null).sample, 1
-        both = self.unet(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null])).sample
+                            guidance: Guidance | float) -> tuple[torch.Tensor, int]:
+        """The model output to step with, and how many network evaluations per image it cost.
+
+        ``class_labels``: the requested classes (None for an unconditional request); ``guidance``: a ``Guidance``
+        or, for classifier-free guidance, just its scale.
+        """
+        if not isinstance(guidance, Guidance):
+            guidance = Guidance("classifier-free" if class_labels is not None else "none", float(guidance))
+        null = None if self.null_class_id is None else torch.full((len(sample),), self.null_class_id,
+                                                                   device=sample.device, dtype=torch.long)
+        active = guidance.mode != "none" and guidance.active_at(self._noise_level(timestep))
+        if guidance.mode in CLASSIFIER_MODES:  # the classifier holds the condition; the model runs unconditioned
+            if not active:
+                return self._network(timestep, null)(sample), 1
+            output = classifier_guided_output(self._network(timestep, null), self.model_adapter(),
+                                              self.scheduler.config.prediction_type, guidance, sample, timestep,
+                                              class_labels)
+            return output, 1
+        conditioned = class_labels if class_labels is not None and self.null_class_id is not None else null
+        if not active or guidance.scale == 1.0 or conditioned is None:
+            return self._network(timestep, conditioned)(sample), 1
+        if guidance.scale == 0.0:
+            return self._network(timestep, null)(sample), 1
+        both = self._network(timestep, torch.cat([conditioned, null]))(torch.cat([sample, sample]))
         cond, uncond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond), 2
+        return uncond + guidance.scale * (cond - uncond), 2
+
+    def _noise_level(self, timestep) -> float:
+        """σ of the model's input at ``timestep`` (for a guidance interval)."""
+        return float(self.model_adapter().sigma_of_timestep(torch.as_tensor(timestep).reshape(-1)[0].cpu()))
 
     def _class_labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
         if self.null_class_id is None:
@@ -114,6 +161,37 @@ class DiffusionImagePipeline(DiffusionPipeline):
                              f"(or {self.null_class_id} for none), got {labels.tolist()}")
         return labels.to(self.device)
 
+    def _classifier_labels(self, class_labels, batch_size: int, classifier) -> torch.Tensor:
+        """The classifier's target class per image, for the classifier guidance modes."""
+        if class_labels is None:
+            raise ValueError("classifier guidance needs class_labels: the classes to steer toward")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        labels = labels.expand(batch_size) if len(labels) == 1 else labels
+        num_classes = getattr(getattr(classifier, "config", None), "num_classes", None)
+        if len(labels) != batch_size:
+            raise ValueError(f"got {len(labels)} class labels for batch_size {batch_size}")
+        if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
+            allowed = "non-negative" if num_classes is None else f"in [0, {num_classes - 1}]"
+            raise ValueError(f"class labels must be {allowed} for this classifier, got {labels.tolist()}")
+        return labels.to(self.device)
+
+    def _reference_features(self, reference_image, classifier) -> torch.Tensor:
+        """E(y_ref, 0): the noisy classifier's features of the clean reference image."""
+        if reference_image is None:
+            raise ValueError("similarity guidance needs a reference_image")
+        if isinstance(reference_image, PIL.Image.Image):
+            channels = self.sample_shape[0]
+            image = reference_image.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
+            reference_image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+        reference = torch.as_tensor(reference_image, dtype=torch.float32)
+        reference = reference[None] if reference.ndim == 3 else reference
+        if reference.ndim != 4 or reference.shape[1:] != self.sample_shape:
+            raise ValueError(f"reference_image must be {self.sample_shape} like the samples, "
+                             f"got {tuple(reference.shape)}")
+        with torch.no_grad():
+            return classifier.features(reference.to(self.device, next(classifier.parameters()).dtype), 0)
+
     def _step_kwargs(self, eta: float | None, generator) -> dict[str, Any]:
         accepted = inspect.signature(self.scheduler.step).parameters
         kwargs = {}
@@ -124,6 +202,15 @@ class DiffusionImagePipeline(DiffusionPipeline):
         if "generator" in accepted:
             kwargs["generator"] = generator
         return kwargs
+
+    def _initial_sample(self, shape, latents, generator) -> torch.Tensor:
+        """x_T: the scheduler's own prior (``sample_prior``, e.g. PFGM++'s heavy-tailed one, UDM's degraded
+        image) when it has one and no ``latents`` are given, else Gaussian noise × ``init_noise_sigma``."""
+        if latents is None and hasattr(self.scheduler, "sample_prior"):
+            return self.scheduler.sample_prior(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        return latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
 
     # ---------------------------------------------------------------- sampling
 
@@ -142,6 +229,10 @@ class DiffusionImagePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict | None] | None = None,
+        guidance_mode: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        classifier: torch.nn.Module | None = None,
+        reference_image: torch.Tensor | PIL.Image.Image | None = None,
     ):
         """Generate ``batch_size`` images.
 
@@ -149,7 +240,8 @@ class DiffusionImagePipeline(DiffusionPipeline):
             num_inference_steps: scheduler steps (NFE = steps × the scheduler's evaluations per step, ×2 with CFG).
             generator: seeds the initial noise and the sampler's noise; a list gives each image its own.
             class_labels: one label for all images or one per image; None samples unconditionally.
-            guidance_scale: classifier-free guidance weight w (1 = conditional, 0 = unconditional).
+            guidance_scale: the guidance weight: w of classifier-free guidance (1 = conditional, 0 =
+                unconditional), γ of the classifier modes (0 = unguided).
             eta: the scheduler's η (DDIM family) for this call; None keeps the scheduler's default.
             latents: initial noise x_T to start from instead of drawing it (shape (B, C, H, W)).
             height, width: sample at another size than the model was trained at (a UNet is convolutional;
@@ -158,6 +250,13 @@ class DiffusionImagePipeline(DiffusionPipeline):
                 the final sample as the model sees data (usually [-1, 1]), unclamped, for metrics.
             callback_on_step_end: ``fn(pipeline, step_index, timestep, {"sample", "pred_original_sample"})``
                 after every step; a returned dict with ``"sample"`` replaces the current sample.
+            guidance_mode: one of ``guidance.GUIDANCE_MODES``; default "classifier-free" when class labels are given
+                to a class-conditional model, else "none". The classifier modes take ``class_labels`` as the
+                classifier's targets and run the model unconditionally.
+            guidance_interval: (σ_lo, σ_hi): guide only at noise levels in this range (default: everywhere).
+            classifier: the classifier for the classifier modes (default: the pipeline's ``classifier``); a clean
+                classifier of images for "classifier-x0".
+            reference_image: the image similarity guidance steers toward ((C, H, W) or (1, C, H, W) in [-1, 1], or PIL).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -169,26 +268,38 @@ class DiffusionImagePipeline(DiffusionPipeline):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        labels = self._class_labels(class_labels, batch_size)
-        if labels is None and guidance_scale != 1.0 and self.null_class_id is None:
-            raise ValueError("guidance_scale needs a class-conditional model")
+        if guidance_mode is None:
+            guidance_mode = "classifier-free" if class_labels is not None and self.null_class_id is not None else "none"
+        guidance = Guidance(guidance_mode, float(guidance_scale), guidance_interval,
+                            classifier if classifier is not None else self.classifier)
+        if guidance.mode in CLASSIFIER_MODES:
+            if self.scheduler.config.prediction_type not in PREDICTION_TYPES:
+                raise ValueError(f"classifier guidance rewrites ε, so it needs a model predicting one of "
+                                 f"{PREDICTION_TYPES}; this one predicts {self.scheduler.config.prediction_type!r}")
+            labels = self._classifier_labels(class_labels, batch_size, guidance.classifier)
+            if guidance.mode == "similarity":
+                guidance.reference_features = self._reference_features(reference_image, guidance.classifier)
+        else:
+            labels = self._class_labels(class_labels, batch_size)
+            if guidance.mode == "classifier-free" and self.null_class_id is None:
+                raise ValueError("classifier-free guidance needs a class-conditional model")
+            if labels is None and guidance_scale != 1.0:
+                raise ValueError("guidance_scale needs a class-conditional model or a classifier guidance_mode")
         channels, trained_height, trained_width = self.sample_shape
         shape = (batch_size, channels, height or trained_height, width or trained_width)
         if min(shape[2:]) < 1:
             raise ValueError(f"height and width must be positive, got {shape[2:]}")
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
+        if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         step_kwargs = self._step_kwargs(eta, generator)
-        sample = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        sample = self._initial_sample(shape, latents, generator)
         nfe = 0
 
         def model_call(x, t):
             nonlocal nfe
-            output, cost = self.guided_model_output(x, t, labels, guidance_scale)
+            output, cost = self.guided_model_output(x, t, labels, guidance)
             nfe += cost
             return output
 

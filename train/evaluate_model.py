@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from tqdm import tqdm
 
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor
 from pipelines import DiffusionImagePipeline
@@ -32,12 +33,14 @@ SAMPLING_BATCH = 250
 
 
 def generate(pipeline: DiffusionImagePipeline, labels: torch.Tensor, guidance_scale: float, steps: int,
-             seed: int) -> torch.Tensor:
-    """Samples in [-1, 1] for ``labels``, in batches; batch i draws its noise from seed + i."""
+             seed: int, **call_options) -> torch.Tensor:
+    """Samples in [-1, 1] for ``labels``, in batches; batch i draws its noise from seed + i. ``call_options``
+    go to the pipeline call (e.g. ``guidance_mode``)."""
     batches = [
         pipeline(batch_size=len(batch), num_inference_steps=steps, class_labels=batch, guidance_scale=guidance_scale,
-                 generator=torch.Generator().manual_seed(seed + i), output_type="raw").images
-        for i, batch in enumerate(labels.split(SAMPLING_BATCH))
+                 generator=torch.Generator().manual_seed(seed + i), output_type="raw", **call_options).images
+        for i, batch in enumerate(tqdm(labels.split(SAMPLING_BATCH), desc=f"sampling at guidance {guidance_scale}",
+                                       leave=False))
     ]
     # the sampler clips x̂0 to [-1, 1]; the last step lands on it up to float rounding
     return torch.cat(batches).clamp(-1, 1)

@@ -1,0 +1,111 @@
+"""Guidance trade-off on the shipped MNIST model: judge accuracy against feature-FID as the scale grows.
+
+For classifier-free guidance (the model's own null class) and classifier guidance (the noise-conditional
+classifier, ``checkpoints/mnist-noisy-classifier``, on the model's unconditional output), every scale draws the
+same per-digit labels from the same seeds with the model's DDIM scheduler, and is scored by the judge:
+
+* ``accuracy``: the judge's accuracy on the intended digits (the condition is obeyed);
+* ``feature_fid``: the Fréchet distance of judge features to the 500 held-out digits (quality and diversity),
+  next to the real-vs-real floor.
+
+    python bench/guidance.py [--samples 1000] [--steps 50] [--scales 0 1 2 3 4 6 8]
+
+prints the table, writes bench/results/guidance.json (with the machine it ran on) and guidance.png (accuracy
+against feature-FID, one curve per mode, scales marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
+from models.classifier import NoisyClassifier  # noqa: E402
+from pipelines import DiffusionImagePipeline  # noqa: E402
+from train.data import load_dataset  # noqa: E402
+from train.evaluate_model import generate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("classifier-free", "classifier")
+
+
+def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales: list[float], seed: int) -> dict:
+    classifier = NoisyClassifier.from_pretrained(classifier_dir).eval()
+    pipeline = DiffusionImagePipeline.from_pretrained(model_dir, classifier=classifier)
+    pipeline.set_progress_bar_config(disable=True)
+    judge = load_judge(DEFAULT_JUDGE_PATH)
+    heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
+    labels = torch.arange(pipeline.num_classes).repeat_interleave(samples // pipeline.num_classes)
+    rows = []
+    for mode in MODES:
+        for scale in scales:
+            started = time.perf_counter()
+            images = generate(pipeline, labels, scale, steps, seed, guidance_mode=mode)
+            rows.append({"mode": mode, "scale": scale, "accuracy": judge_accuracy(judge, images, labels),
+                         "feature_fid": feature_fid(judge, images, heldout),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(f"{mode:>16} {scale:5.1f}  accuracy {rows[-1]['accuracy']:.1%}  "
+                  f"feature-FID {rows[-1]['feature_fid']:.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
+    return {"model": str(model_dir), "classifier": str(classifier_dir), "samples": samples, "steps": steps,
+            "seed": seed, "sampler": type(pipeline.scheduler).__name__, "real_fid_floor": real_fid_floor(judge),
+            "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+            "rows": rows}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for mode in MODES:
+        rows = [row for row in results["rows"] if row["mode"] == mode]
+        axis.plot([row["feature_fid"] for row in rows], [100 * row["accuracy"] for row in rows], "o-", label=mode)
+        for row in rows:
+            axis.annotate(f"{row['scale']:g}", (row["feature_fid"], 100 * row["accuracy"]), fontsize=8,
+                          xytext=(3, 3), textcoords="offset points")
+    axis.axvline(results["real_fid_floor"], color="grey", linestyle=":", label="real-vs-real floor")
+    axis.set_xlabel("feature-FID vs held-out digits (lower is better)")
+    axis.set_ylabel("judge accuracy on the intended digit (%)")
+    axis.set_title(f"guidance scale sweep: {results['samples']} samples per point, DDIM {results['steps']} steps")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("checkpoints/mnist-vp"))
+    parser.add_argument("--classifier", type=Path, default=Path("checkpoints/mnist-noisy-classifier"))
+    parser.add_argument("--samples", type=int, default=1000, help="samples per point, equal per digit")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 4, 6, 8])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="guidance", help="results file stem under bench/results/")
+    args = parser.parse_args(argv)
+    if args.samples < 20 or args.samples % 10:
+        parser.error("--samples must be a multiple of 10 (equal per digit), at least 20")
+    diffusers_logging.disable_progress_bar()
+    results = run(args.model, args.classifier, args.samples, args.steps, args.scales, args.seed)
+    print("\n| mode | scale | judge accuracy | feature-FID |\n|---|---|---|---|")
+    for row in results["rows"]:
+        print(f"| {row['mode']} | {row['scale']:g} | {row['accuracy']:.1%} | {row['feature_fid']:.2f} |")
+    print(f"| real held-out halves (floor) | — | — | {results['real_fid_floor']:.2f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / f"{args.name}.png")
+    print(f"wrote {RESULTS / (args.name + '.json')} and {args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
