@@ -1,0 +1,168 @@
+"""Model benchmark on MNIST: the GAN and VAE baselines beside the diffusion model at several NFE, one table.
+
+Every model draws ``--samples`` class-conditional digits (the same number of each digit; seed ``--seed``), and
+the MNIST judge (``checkpoints/mnist-judge``) scores them:
+
+* ``fid``: feature-FID against the 500 real held-out digits (``evaluation.judge.feature_fid``);
+* ``accuracy``: the judge's accuracy on the intended digits;
+* ``coverage`` / ``entropy``: fraction of the 10 digits the judge sees at least once, and the entropy of its
+  predicted-digit histogram in bits (``evaluation.metrics.class_coverage``; at most log2 10 = 3.32);
+* ``precision`` / ``recall``: Kynkäänniemi et al. 2019 in the judge's feature space, k = 3, against the held-out
+  digits (``evaluation.metrics.precision_recall``);
+* ``s/image``: sampling wall time per image on this machine, this run (one thread unless OMP_NUM_THREADS says
+  otherwise); ``NFE``: network evaluations per image (1 for GAN and VAE; CFG doubles the diffusion model's).
+
+A first row scores real digits the same way (250 held-out digits against the other 250): the floor a perfect
+generator would reach. FID grows as the sample count shrinks, so compare rows of one run, not across runs.
+
+    python bench/models.py [--samples 200] [--steps 5 10 25] [--cfg-steps 10 --cfg-scale 3]
+
+prints the table and writes bench/results/models.json and models.png (FID against seconds per image, and
+precision against recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipelines  # noqa: E402
+from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, judge_features, load_judge  # noqa: E402
+from evaluation.metrics import class_coverage, judge_predictions, precision_recall  # noqa: E402
+from train.data import load_dataset  # noqa: E402
+from train.evaluate_model import generate as diffusion_samples  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_CLASSES = 10
+SAMPLING_BATCH = 250
+
+
+def load(path: Path):
+    """The pipeline at ``path``, of the class its ``model_index.json`` names (one of ``pipelines``' exports)."""
+    name = json.loads((path / "model_index.json").read_text())["_class_name"]
+    if name not in pipelines.__all__:
+        raise ValueError(f"{path}: pipeline class {name!r} is not one of {pipelines.__all__}")
+    pipe = getattr(pipelines, name).from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def one_pass_samples(pipe, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """GAN/VAE samples in [-1, 1] for ``labels``, in batches; batch i draws from seed + i."""
+    return torch.cat([pipe(batch_size=len(batch), class_labels=batch, output_type="raw",
+                           generator=torch.Generator().manual_seed(seed + i)).images
+                      for i, batch in enumerate(labels.split(SAMPLING_BATCH))]).clamp(-1, 1)
+
+
+def score(judge, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, real_features: torch.Tensor) -> dict:
+    features = judge_features(judge, images)
+    return {"fid": feature_fid(judge, images, real), "accuracy": judge_accuracy(judge, images, labels),
+            **class_coverage(judge_predictions(judge, images), NUM_CLASSES),
+            **precision_recall(real_features, features)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python bench/models.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=200, help="images per model, equal per digit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gan", type=Path, default=ROOT / "checkpoints/mnist-gan-qp")
+    parser.add_argument("--vae", type=Path, default=ROOT / "checkpoints/mnist-vae")
+    parser.add_argument("--diffusion", type=Path, default=ROOT / "checkpoints/mnist-vp")
+    parser.add_argument("--steps", type=int, nargs="*", default=[5, 10, 25], help="diffusion DDIM steps, guidance 1")
+    parser.add_argument("--cfg-steps", type=int, nargs="*", default=[10], help="diffusion steps with guidance")
+    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--judge", type=Path, default=ROOT / DEFAULT_JUDGE_PATH)
+    parser.add_argument("--out", type=Path, default=RESULTS / "models.json")
+    args = parser.parse_args(argv)
+    if args.samples < 2 * NUM_CLASSES or args.samples % NUM_CLASSES:
+        parser.error(f"--samples must be a multiple of {NUM_CLASSES}, at least {2 * NUM_CLASSES}")
+    diffusers_logging.disable_progress_bar()
+
+    judge = load_judge(args.judge)
+    real, real_labels = load_dataset("mnist", image_size=32, split="heldout").tensors()
+    real_features = judge_features(judge, real)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.samples // NUM_CLASSES)
+
+    # the yardstick: half of the held-out digits scored against the other half (25 of each digit per half)
+    by_label = real_labels.argsort(stable=True)
+    half_a, half_b = by_label[0::2], by_label[1::2]
+    floor = score(judge, real[half_a], real_labels[half_a], real[half_b], real_features[half_b])
+    rows = [{"model": "real held-out (250 vs 250)", "nfe": 0, "seconds_per_image": 0.0, **floor}]
+
+    runs = [("GAN-QP", "gan", args.gan, None, None), ("VAE", "vae", args.vae, None, None)]
+    runs += [(f"diffusion DDIM {s}", "diffusion", args.diffusion, s, 1.0) for s in args.steps]
+    runs += [(f"diffusion DDIM {s}, CFG {args.cfg_scale:g}", "diffusion", args.diffusion, s, args.cfg_scale)
+             for s in args.cfg_steps]
+    for name, kind, path, steps, guidance in tqdm(runs, desc="models"):
+        pipe = load(path)
+        started = time.perf_counter()
+        if kind == "diffusion":
+            images = diffusion_samples(pipe, labels, guidance, steps, args.seed)
+            nfe = steps * (1 if guidance == 1.0 else 2)
+        else:
+            images = one_pass_samples(pipe, labels, args.seed)
+            nfe = 1
+        seconds = (time.perf_counter() - started) / len(labels)
+        rows.append({"model": name, "path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                     "nfe": nfe, "seconds_per_image": seconds, **score(judge, images, labels, real, real_features)})
+
+    header = (f"{'model':28s} {'NFE':>4s} {'FID':>7s} {'acc':>6s} {'cover':>6s} {'entropy':>8s} {'prec':>6s} "
+              f"{'recall':>6s} {'s/image':>8s}")
+    print(f"\n{args.samples} samples per model ({args.samples // NUM_CLASSES} per digit), seed {args.seed}; "
+          f"FID and precision/recall against the 500 held-out digits, judge features")
+    print(header)
+    for r in rows:
+        print(f"{r['model']:28s} {r['nfe']:4d} {r['fid']:7.2f} {r['accuracy']:6.1%} {r['coverage']:6.0%} "
+              f"{r['entropy_bits']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['seconds_per_image']:8.4f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "models", "machine": platform.platform(), "processor": platform.processor(),
+              "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "torch": torch.__version__, "samples": args.samples, "seed": args.seed, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, args.out.with_suffix(".png"), args.samples)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(rows, path: Path, samples: int):
+    """Left: feature-FID against seconds per image; right: precision against recall. The real floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor, models = rows[0], rows[1:]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for r in models:
+        color = "tab:red" if r["model"].startswith("GAN") else "tab:green" if r["model"].startswith("VAE") \
+            else "tab:blue"
+        left.scatter(r["seconds_per_image"], r["fid"], color=color)
+        left.annotate(f"{r['model']} (NFE {r['nfe']})", (r["seconds_per_image"], r["fid"]), fontsize=7,
+                      xytext=(4, 3), textcoords="offset points")
+        right.scatter(r["recall"], r["precision"], color=color)
+        right.annotate(r["model"], (r["recall"], r["precision"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    left.axhline(floor["fid"], color="k", ls="--", lw=0.8, label="real vs real")
+    left.set(xscale="log", yscale="log", xlabel="seconds per image (this machine)", ylabel="feature-FID (judge)",
+             title=f"MNIST, {samples} samples per model")
+    left.legend()
+    right.scatter(floor["recall"], floor["precision"], color="k", marker="*", label="real vs real")
+    right.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="recall (k = 3)", ylabel="precision (k = 3)",
+              title="precision / recall in judge-feature space")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    main()
