@@ -1,0 +1,222 @@
+"""One generation request: checked settings (``Job``), the sampling run, Stop, and images with their settings.
+
+``parse_job`` turns the raw widget values into a ``Job`` or raises ``gr.Error`` naming the bad field; the
+Generate, Compare and Evaluate tabs all go through it, so every check holds everywhere. ``run_job`` samples
+under the model's lock, calling ``on_step(i, x̂0)`` after each step (live previews, progress, Stop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import PIL.PngImagePlugin
+import torch
+from diffusers.utils import make_image_grid
+
+import schedulers
+from webui import models
+from webui.validation import batch_memory, choice, number
+
+MAX_STEPS = 1000
+MAX_BATCH = 64
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0
+MAX_RESOLUTION = 512
+GRID_SIDE = 512  # pixels: small images are scaled up (nearest neighbour) so a grid is readable
+
+
+class Stopped(Exception):
+    """Raised from the step callback when the user pressed Stop."""
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    sampler: str | None
+    steps: int
+    noise: float | None  # η or the noise level λ, when the sampler has one
+    guidance_mode: str
+    guidance_scale: float
+    class_name: str
+    seed: int
+    batch: int
+    resolution: int  # 0: the size the model was trained at
+    backend: str
+    reference: PIL.Image.Image | None = field(default=None, compare=False)
+
+    def settings(self) -> dict:
+        """What reproduces the images (PNG metadata, CSV rows)."""
+        return {k: v for k, v in asdict(self).items() if k != "reference"}
+
+
+@dataclass
+class Result:
+    images: list[PIL.Image.Image]
+    nfe: int
+    seconds: float
+
+
+def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidance_mode, guidance_scale, class_name,
+              seed, batch, resolution, backend, reference=None) -> Job:
+    """Check every setting against the model; ``gr.Error`` names the first bad one."""
+    loaded = catalog.load(model)
+    pipe = loaded.pipe
+    offered = models.samplers(loaded)
+    if loaded.scheduler_config is not None:
+        if sampler not in schedulers.SAMPLERS:
+            raise gr.Error(f"unknown sampler {sampler!r}")
+        if sampler not in offered:
+            spec = schedulers.get_sampler(sampler)
+            why = (f"it cannot drive a model trained on the {models.process(pipe)!r} process"
+                   if not spec.drives(models.process(pipe)) else f"it needs {', '.join(spec.requires)} from the model")
+            raise gr.Error(f"sampler {sampler} does not fit {model}: {why}")
+        steps = number("steps", steps, 1, MAX_STEPS, integer=True)
+    else:
+        sampler, steps = None, 1  # one network evaluation: a GAN or a VAE decoder
+    knob = models.noise_knob(sampler)
+    noise = None if knob is None else number("η / noise level", noise, 0.0, 1.0)
+    guidance_mode = choice("guidance mode", guidance_mode, models.guidance_modes(pipe))
+    guidance_scale = number("guidance scale", guidance_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
+    class_name = choice("class", class_name, models.class_choices(pipe))
+    if guidance_mode in models.CLASS_GUIDED and class_name == models.UNCONDITIONAL:
+        raise gr.Error(f"{guidance_mode} guidance steers towards a class: choose a class or guidance mode 'none'")
+    if guidance_mode in models.NEEDS_REFERENCE and reference is None:
+        raise gr.Error(f"{guidance_mode} guidance needs a reference image")
+    seed = number("seed", seed, 0, MAX_SEED, integer=True)
+    batch = number("batch size", batch, 1, MAX_BATCH, integer=True)
+    resolution = number("resolution", 0 if resolution is None else resolution, 0, MAX_RESOLUTION, integer=True)
+    channels, height, width = models.sample_shape(pipe)
+    if resolution and resolution != height:
+        multiple = models.size_multiple(pipe)
+        if multiple is None:
+            raise gr.Error(f"{model} samples only at its trained size {height}×{width} (resolution 0)")
+        if resolution % multiple:
+            raise gr.Error(f"resolution must be a multiple of {multiple} for this UNet, got {resolution}")
+        height = width = resolution
+    batch_memory(batch, channels, height, width)
+    backend = choice("attention backend", backend, models.attention_backends(pipe))
+    if isinstance(reference, np.ndarray):
+        reference = PIL.Image.fromarray(reference)
+    return Job(model, sampler, steps, noise, guidance_mode, guidance_scale, class_name, seed, batch, resolution,
+               backend, reference)
+
+
+def _call_arguments(job: Job, loaded: models.LoadedModel, on_step) -> dict:
+    pipe = loaded.pipe
+    choices = models.class_choices(pipe)
+    if job.class_name == models.UNCONDITIONAL:
+        labels = None
+    elif job.class_name == models.EVERY_CLASS:
+        labels = torch.arange(job.batch) % models.num_classes(pipe)
+    else:
+        labels = choices.index(job.class_name) - 2
+    accepted = models.call_parameters(pipe)
+    kwargs = {"batch_size": job.batch, "num_inference_steps": job.steps, "class_labels": labels,
+              "generator": torch.Generator().manual_seed(job.seed), "output_type": "pil",
+              "eta": job.noise if models.noise_knob(job.sampler) == "eta" else None}
+    if job.resolution:
+        kwargs.update(height=job.resolution, width=job.resolution)
+    if accepted is None or "guidance_mode" in accepted:
+        kwargs.update(guidance_mode=job.guidance_mode,
+                      guidance_scale=1.0 if job.guidance_mode == "none" else job.guidance_scale)
+        if job.guidance_mode in models.NEEDS_REFERENCE:
+            kwargs["reference_image"] = job.reference
+    else:  # a pipeline with classifier-free guidance only, through guidance_scale (1: plain conditional)
+        kwargs["guidance_scale"] = job.guidance_scale if job.guidance_mode == "classifier-free" else 1.0
+
+    def callback(pipeline, i, t, tensors):
+        on_step(i, tensors.get("pred_original_sample"))
+        return {}
+
+    kwargs["callback_on_step_end"] = callback if on_step else None
+    return kwargs if accepted is None else {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def run_job(catalog: models.ModelCatalog, job: Job, on_step=None) -> Result:
+    """Sample ``job``. ``on_step(i, x̂0)`` runs after every step; raising ``Stopped`` from it ends the run."""
+    loaded = catalog.load(job.model)
+    pipe = loaded.pipe
+    with loaded.lock:
+        try:
+            if job.sampler is not None:
+                spec = schedulers.get_sampler(job.sampler)
+                overrides = {"noise_level": job.noise} if models.noise_knob(job.sampler) == "noise_level" else {}
+                pipe.scheduler = spec.create(loaded.scheduler_config, **overrides)
+            models.set_attention_backend(pipe, job.backend)
+            start = time.perf_counter()
+            out = pipe(**_call_arguments(job, loaded, on_step))
+            seconds = time.perf_counter() - start
+        except (Stopped, gr.Error):
+            raise
+        except (ValueError, ImportError) as error:
+            raise gr.Error(f"{job.model}: {error}") from None
+        except Exception as error:  # a failed request reports itself; the app and other requests go on
+            raise gr.Error(f"generation failed ({type(error).__name__}): {error}") from None
+    images = out.images if hasattr(out, "images") else out[0]
+    nfe = getattr(out, "nfe", None) or (1 if job.sampler is None else math.nan)
+    return Result(list(images), nfe, seconds)
+
+
+def tensor_grid(x0: torch.Tensor) -> PIL.Image.Image:
+    """A preview grid of x̂0 (B, C, H, W) in the data range [-1, 1]."""
+    pixels = ((x0.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = [PIL.Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    return tile(images)
+
+
+def tile(images: list[PIL.Image.Image], side: int = GRID_SIDE) -> PIL.Image.Image:
+    """Images in a near-square grid, scaled up by a whole factor towards ``side`` pixels."""
+    rows = max(1, int(math.sqrt(len(images))))
+    while len(images) % rows:
+        rows -= 1
+    grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+    scale = max(1, side // max(grid.size))
+    return grid.resize((grid.width * scale, grid.height * scale), resample=PIL.Image.NEAREST)
+
+
+def save_png(image: PIL.Image.Image, path: Path, settings: dict) -> Path:
+    """``image`` as a PNG carrying ``settings`` as JSON in its ``parameters`` text chunk (AUTOMATIC1111's key)."""
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(settings))
+    image.save(path, pnginfo=info)
+    return path
+
+
+def output_dir() -> Path:
+    """A fresh directory for one request's files (under the system temp dir, which gradio serves)."""
+    return Path(tempfile.mkdtemp(prefix="workbench-"))
+
+
+class StopFlags:
+    """One Stop flag per browser session (``gr.Request.session_hash``); API calls without one share ``local``."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(request) -> str:
+        return getattr(request, "session_hash", None) or "local"
+
+    def begin(self, request) -> threading.Event:
+        with self._lock:
+            flag = self._flags[self.key(request)] = threading.Event()
+        return flag
+
+    def stop(self, request) -> None:
+        with self._lock:
+            flag = self._flags.get(self.key(request))
+        if flag is not None:
+            flag.set()
+
+
+STOP = StopFlags()
