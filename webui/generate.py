@@ -162,7 +162,7 @@ def build(catalog: models.ModelCatalog) -> dict:
             w["noise"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="η / noise level")
             with gr.Row():
                 w["guidance_mode"] = gr.Dropdown(modes, value=modes[-1], label="guidance")
-                w["guidance_scale"] = gr.Slider(0.0, 20.0, value=3.0, step=0.5, label="guidance scale")
+                w["guidance_scale"] = gr.Slider(0.0, 20.0, value=2.0, step=0.5, label="guidance scale")
             w["reference"] = gr.Image(label="reference image (similarity guidance)", type="pil", visible=False)
             w["class_name"] = gr.Dropdown(classes, value=classes[0], label="class")
             with gr.Row():

@@ -9,7 +9,8 @@ A run is a child process in its own session (``start_new_session``): a crash of 
 its death does not touch the app. It writes ``runs/NAME`` (``metrics.jsonl``, ``samples/``, checkpoints, and
 ``ui_run.json``/``ui.log`` from here) and exports its model to ``runs/models/NAME``, a folder the model list
 scans, so the finished model appears in Generate without a restart. Stop sends SIGTERM to the run's process
-group (SIGKILL 10 s later); Resume starts the same command with ``--resume latest``.
+group: the trainer finishes its step, checkpoints and exits (SIGKILL 60 s later if it has not); Resume starts
+the same command with ``--resume latest``.
 """
 
 import argparse
@@ -31,7 +32,7 @@ import pandas
 from webui import models
 from webui.validation import inside, number, run_name
 
-KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL
+KILL_AFTER = 60.0  # seconds between SIGTERM (the trainer finishes its step and checkpoints) and SIGKILL
 POLL_SECONDS = 2.0
 RUN_FILE = "ui_run.json"
 LOG_FILE = "ui.log"
@@ -215,6 +216,8 @@ class Runs:
             return f"**{name}**: stopped ({how}); Resume continues from its last checkpoint"
         if exported:
             return f"**{name}**: finished; model exported to `runs/models/{name}`, listed in Generate (press ↻)"
+        if process is not None:  # exit code 0 without an export: stopped by SIGTERM after checkpointing its step
+            return f"**{name}**: stopped (checkpoint saved at the current step); Resume continues from it"
         return f"**{name}**: not running"
 
 
