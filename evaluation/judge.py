@@ -33,14 +33,14 @@ def load_judge(path: str | Path = DEFAULT_JUDGE_PATH) -> MNISTJudge:
 
 def judge_features(judge: MNISTJudge, images: torch.Tensor, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """The judge's penultimate features of N×1×32×32 images in [-1, 1], as an N×128 tensor."""
-    _check_inputs(judge, images)
+    check_judge_inputs(judge, images)
     with torch.no_grad():
         return torch.cat([judge.features(batch.to(judge.device)) for batch in images.split(batch_size)])
 
 
 def judge_accuracy(judge: MNISTJudge, images: torch.Tensor, labels: torch.Tensor) -> float:
     """The fraction of images the judge classifies as their ``labels``."""
-    _check_inputs(judge, images)
+    check_judge_inputs(judge, images)
     if labels.shape != (len(images),):
         raise ValueError(f"expected one label per image ({len(images)}), got labels of shape {tuple(labels.shape)}")
     with torch.no_grad():
@@ -51,7 +51,7 @@ def judge_accuracy(judge: MNISTJudge, images: torch.Tensor, labels: torch.Tensor
 def feature_fid(judge: MNISTJudge, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     """The Fréchet distance between the judge-feature Gaussians of two image sets (N×1×32×32 in [-1, 1])."""
     for images in (images_a, images_b):
-        _check_inputs(judge, images)
+        check_judge_inputs(judge, images)
         if len(images) < 2:
             raise ValueError(f"feature_fid needs at least 2 images per set to estimate a covariance, got {len(images)}")
     metric = FrechetInceptionDistance(feature=_JudgeFeatures(judge)).to(judge.device)
@@ -87,7 +87,7 @@ class _JudgeFeatures(nn.Module):
         return self.judge.features(images)
 
 
-def _check_inputs(judge: MNISTJudge, images: torch.Tensor) -> None:
+def check_judge_inputs(judge: MNISTJudge, images: torch.Tensor) -> None:
     if judge.training:
         raise ValueError("the judge is in training mode (BatchNorm, dropout); call judge.eval() before scoring")
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():

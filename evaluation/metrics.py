@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from evaluation.judge import BATCH_SIZE, _check_inputs
+from evaluation.judge import BATCH_SIZE, check_judge_inputs
 from models.judge import MNISTJudge
 
 DEFAULT_K = 3  # Kynkäänniemi et al. 2019 use k = 3
@@ -49,7 +49,7 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 
 def judge_predictions(judge: MNISTJudge, images: torch.Tensor) -> torch.Tensor:
     """The judge's predicted class of each N×1×32×32 image in [-1, 1]."""
-    _check_inputs(judge, images)
+    check_judge_inputs(judge, images)
     with torch.no_grad():
         return torch.cat([judge(batch.to(judge.device)).argmax(dim=1).cpu() for batch in images.split(BATCH_SIZE)])
 

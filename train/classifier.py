@@ -24,20 +24,17 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from models.classifier import NoisyClassifier
-from schedulers.process import VPSchedule, expand_to, make_betas
+from schedulers.process import expand_to
 from train.data import load_dataset
-from train.judge import MAX_SHIFT, _hardware, random_shift
+from train.judge import MAX_SHIFT, hardware_description, random_shift
 
 REPORT_TIMESTEPS = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 
 
 def noised(classifier: NoisyClassifier, x0: torch.Tensor, timesteps: torch.Tensor,
            generator: torch.Generator) -> torch.Tensor:
-    """x_t = ᾱ_t x0 + β̄_t ε under the classifier's recorded β schedule."""
-    config = classifier.config
-    schedule = VPSchedule(make_betas(config.beta_schedule, config.num_train_timesteps, config.beta_start,
-                                     config.beta_end))
-    alpha, beta = schedule.coefficients(timesteps)
+    """x_t = ᾱ_t x0 + β̄_t ε under the classifier's β schedule."""
+    alpha, beta = classifier.schedule.coefficients(timesteps)
     noise = torch.randn(x0.shape, generator=generator)
     return expand_to(alpha.float(), x0) * x0 + expand_to(beta.float(), x0) * noise
 
@@ -97,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - started
     images, labels = load_dataset("mnist", image_size=32, split="heldout").tensors()
     accuracy = accuracy_per_noise_level(classifier, images, labels)
-    table = "\n".join(f"| {t} | {float(VPSchedule(make_betas('linear', 1000)).sigma(torch.tensor(t))):.3g} | "
+    table = "\n".join(f"| {t} | {float(classifier.schedule.sigma(torch.tensor(t))):.3g} | "
                       f"{acc:.1%} |" for t, acc in accuracy.items())
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +109,7 @@ process of `checkpoints/mnist-vp` (linear β, 1000 steps), for classifier and si
 (`DiffusionImagePipeline(..., classifier=...)`, `guidance_mode="classifier"`).
 
 - command: `{command}`
-- training time: {seconds:.0f} s; hardware: {_hardware()}
+- training time: {seconds:.0f} s; hardware: {hardware_description()}
 
 Held-out accuracy (500 digits) per timestep t and its noise level σ = β̄/ᾱ:
 

@@ -65,8 +65,8 @@ from train.checkpointing import (
 )
 from train.data import ImageDataset, load_dataset
 from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, accepted_options, make_objective
+from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
 # What a resumed run must share with the run that wrote the checkpoint for the continuation to be exact.
 PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise")  # passed to (and kept invariant by) the objectives that take them
@@ -92,20 +92,11 @@ SUMMARY_FILE = "run_summary.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.diffusion", description=__doc__.splitlines()[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="mnist", help="mnist, folder:PATH or hf:NAME (see train.data)")
-    data.add_argument("--image-size", type=int, default=32)
-    data.add_argument("--max-train-images", type=int, default=None,
-                      help="train on a fixed random subset of this many images (for tests and quick runs)")
-    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    groups = add_common_arguments(parser, lr=2e-4, ema_decay=0.999)
     model = parser.add_argument_group("model and objective")
     model.add_argument("--objective", default="vp-eps", choices=sorted(OBJECTIVES))
     model.add_argument("--timestep-sampling", default="uniform", choices=TIMESTEP_SAMPLINGS)
     model.add_argument("--model", default="small", choices=list(UNET_CONFIGS), help="models.unet.UNET_CONFIGS name")
-    conditioning = model.add_mutually_exclusive_group()
-    conditioning.add_argument("--conditional", dest="conditional", action="store_true", default=None,
-                              help="class-conditional with a null class (default when the dataset has labels)")
-    conditioning.add_argument("--unconditional", dest="conditional", action="store_false")
     model.add_argument("--label-dropout", type=float, default=0.1, help="probability of training on the null class")
     process = parser.add_argument_group("process options (only the objectives that have them use them)")
     process.add_argument("--pfgm-D", "--D", dest="pfgm_D", type=int, default=128,
@@ -113,46 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--udm-loss", choices=["l1", "l2"], default="l1", help="udm-*: the x0 regression's norm")
     process.add_argument("--udm-noise", type=float, default=0.01,
                          help="udm-blur/udm-mask: std of the small noise added to the deterministic corruption")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--steps", type=int, required=True, help="optimizer steps to train for (in total)")
-    optim.add_argument("--batch-size", type=int, default=64, help="per process; effective = × processes × grad-accum")
-    optim.add_argument("--lr", type=float, default=2e-4)
-    optim.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    optim.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS))
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
-    optim.add_argument("--ema-decay", type=float, default=0.999)
-    optim.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=None,
-                       help="default: bf16 on a CUDA device that supports it, else no")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--cpu", action="store_true",
-                       help="train on the CPU even when CUDA is available (implied without CUDA; multi-process "
-                            "CPU runs then use gloo)")
-    run = parser.add_argument_group("run directory")
-    run.add_argument("--output-dir", type=Path, required=True)
-    run.add_argument("--checkpoint-every", type=int, default=500)
-    run.add_argument("--keep-checkpoints", type=int, default=3)
-    run.add_argument("--resume", default=None, help="'latest' or a checkpoint directory of this run")
-    run.add_argument("--sample-every", type=int, default=1000, help="EMA sample grid every N steps; 0 disables")
-    run.add_argument("--export", type=Path, default=None, help="pipeline directory (default OUTPUT_DIR/model)")
+    groups.optim.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    groups.optim.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS))
+    groups.optim.add_argument("--grad-accum", type=int, default=1,
+                              help="micro-batches per optimizer step (effective batch × this)")
+    groups.optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first option out of range."""
-    positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "image_size")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup", "sample_every", "num_workers", "grad_clip"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.max_train_images is not None and args.max_train_images < 1:
-        raise ValueError(f"--max-train-images must be at least 1, got {args.max_train_images}")
+    check_common_args(args)
+    check_at_least_one(args, "grad_accum")
+    check_non_negative(args, "warmup", "grad_clip")
 
 
 def default_mixed_precision(cpu: bool) -> str:
@@ -372,7 +336,7 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     accelerator.register_for_checkpointing(ema, objective)
 
     invariants = {**{name: getattr(args, name) for name in RESUME_INVARIANTS}, **process_options}
-    start_step = _resume(accelerator, args, invariants)
+    start_step = resume_run(accelerator, args, invariants)
     config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "effective_batch_size": global_batch * args.grad_accum, "train_images": len(train_set),
               "num_classes": num_classes, "device": str(accelerator.device), "command": command,
@@ -485,7 +449,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _resume(accelerator: Accelerator, args: argparse.Namespace, invariants: dict[str, Any]) -> int:
+def resume_run(accelerator: Accelerator, args: argparse.Namespace, invariants: dict[str, Any]) -> int:
     """Restore the checkpoint ``--resume`` names, if any; returns the step to continue from."""
     if args.resume is None:
         if complete_checkpoints(args.output_dir):

@@ -34,7 +34,8 @@ from torch import nn
 from models.gan import Critic, Generator
 from pipelines import GANPipeline
 from train.diffusion import rank_shard
-from train.loop import BaselineRun, add_common_arguments, check_common_args, preview_grid, run_main
+from train.loop import BaselineRun, preview_grid, run_main
+from train.options import add_common_arguments, check_at_least_one, check_common_args
 
 QP_LAMBDA = 10.0
 CORRELATION_WEIGHT = 0.5
@@ -119,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     check_common_args(args)
-    for name in ("latent_dim", "base_channels", "critic_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(args, "latent_dim", "base_channels", "critic_steps")
     if not args.qp_lambda > 0:
         raise ValueError(f"--qp-lambda must be positive, got {args.qp_lambda}")
     if args.correlation_weight < 0:

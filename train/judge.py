@@ -112,12 +112,12 @@ features drive `evaluation.judge.feature_fid`. Load it with `evaluation.judge.lo
   and Gaussian pixel noise of σ ∈ [0, {MAX_NOISE}]
 - held-out accuracy: **{accuracy:.2%}** on the {heldout_size} `heldout` digits
 - training time: {training_seconds:.0f} s
-- hardware: {_hardware()}
+- hardware: {hardware_description()}
 - trained: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC
 """
 
 
-def _hardware() -> str:
+def hardware_description() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

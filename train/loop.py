@@ -35,15 +35,14 @@ from tqdm import tqdm
 from train.checkpointing import save_checkpoint
 from train.diffusion import (
     CONFIG_FILE,
-    MIXED_PRECISIONS,
     SUMMARY_FILE,
     GlobalBatchOrder,
     MetricsLog,
     StopRequest,
-    _resume,
     default_mixed_precision,
     launch_command,
     rank_shard,
+    resume_run,
     seeded_generator,
     training_data,
 )
@@ -51,52 +50,6 @@ from train.diffusion import (
 # What a resumed baseline run must share with the checkpoint's run (each trainer adds its model's options).
 COMMON_INVARIANTS = ("dataset", "image_size", "max_train_images", "conditional", "seed", "batch_size",
                      "num_processes")
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, lr: float, ema_decay: float) -> None:
-    """Data, optimisation and run-directory options, as ``train.diffusion`` spells them."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="mnist", help="mnist, folder:PATH or hf:NAME (see train.data)")
-    data.add_argument("--image-size", type=int, default=32)
-    data.add_argument("--max-train-images", type=int, default=None,
-                      help="train on a fixed random subset of this many images (for tests and quick runs)")
-    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    conditioning = data.add_mutually_exclusive_group()
-    conditioning.add_argument("--conditional", dest="conditional", action="store_true", default=None,
-                              help="class-conditional (default when the dataset has labels)")
-    conditioning.add_argument("--unconditional", dest="conditional", action="store_false")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--steps", type=int, required=True, help="training steps (in total)")
-    optim.add_argument("--batch-size", type=int, default=64, help="per process")
-    optim.add_argument("--lr", type=float, default=lr)
-    optim.add_argument("--ema-decay", type=float, default=ema_decay)
-    optim.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=None,
-                       help="default: bf16 on a CUDA device that supports it, else no")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
-    run = parser.add_argument_group("run directory")
-    run.add_argument("--output-dir", type=Path, required=True)
-    run.add_argument("--checkpoint-every", type=int, default=500)
-    run.add_argument("--keep-checkpoints", type=int, default=3)
-    run.add_argument("--resume", default=None, help="'latest' or a checkpoint directory of this run")
-    run.add_argument("--sample-every", type=int, default=1000, help="EMA sample grid every N steps; 0 disables")
-    run.add_argument("--export", type=Path, default=None, help="pipeline directory (default OUTPUT_DIR/model)")
-
-
-def check_common_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the first common option out of range."""
-    for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "image_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("sample_every", "num_workers"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.max_train_images is not None and args.max_train_images < 1:
-        raise ValueError(f"--max-train-images must be at least 1, got {args.max_train_images}")
 
 
 class BaselineRun:
@@ -152,7 +105,7 @@ class BaselineRun:
         Models, optimizers and extra state must be prepared/registered with the accelerator before."""
         args, accelerator = self.args, self.accelerator
         invariants = {**{name: getattr(args, name) for name in COMMON_INVARIANTS}, **invariants}
-        self.start_step = step = _resume(accelerator, args, invariants)
+        self.start_step = step = resume_run(accelerator, args, invariants)
         global_batch = args.batch_size * accelerator.num_processes
         config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   "train_images": len(self.train_set), "num_classes": self.num_classes,

@@ -31,7 +31,8 @@ from diffusers.training_utils import EMAModel
 from models.vae import ConvVAE, HierarchicalVAE, discretized_logistic_log_likelihood
 from pipelines import VAEPipeline
 from train.data import load_dataset
-from train.loop import BaselineRun, add_common_arguments, check_common_args, preview_grid, run_main
+from train.loop import BaselineRun, preview_grid, run_main
+from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative
 
 MODELS = {"conv": ConvVAE, "nvae": HierarchicalVAE}
 DEFAULT_SPECTRAL_REG = {"conv": 0.0, "nvae": 0.1}
@@ -85,12 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     check_common_args(args)
-    for name in ("latent_dim", "base_channels", "width", "latent_channels"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("kl_warmup", "warmup", "grad_clip"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    check_at_least_one(args, "latent_dim", "base_channels", "width", "latent_channels")
+    check_non_negative(args, "kl_warmup", "warmup", "grad_clip")
     if not 0 <= args.kl_min <= 1:
         raise ValueError(f"--kl-min must be in [0, 1], got {args.kl_min}")
     if args.spectral_reg is not None and args.spectral_reg < 0:
