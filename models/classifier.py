@@ -15,6 +15,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from schedulers.process import VPSchedule, make_betas
+
 
 class _TimeConditionedBlock(nn.Module):
     """conv → GroupNorm → + time shift → SiLU."""
@@ -30,7 +32,8 @@ class _TimeConditionedBlock(nn.Module):
 
 
 class NoisyClassifier(ModelMixin, ConfigMixin):
-    """``forward(x_t, timestep) → logits``; ``features(x_t, timestep)`` the penultimate features."""
+    """``forward(x_t, timestep) → logits``; ``features(x_t, timestep)`` the penultimate features; ``schedule`` the
+    VP process of its inputs."""
 
     @register_to_config
     def __init__(
@@ -46,6 +49,7 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
         beta_end: float = 0.02,
     ):
         super().__init__()
+        self.schedule = VPSchedule(make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end))
         self.time_projection = Timesteps(widths[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(widths[0], time_dim)
         blocks, channels = [], in_channels

@@ -39,6 +39,15 @@ OUTPUT_TYPES = ("pil", "np", "pt", "raw")
 MAX_STEPS = 10_000
 
 
+def _per_image_labels(class_labels, batch_size: int) -> torch.Tensor:
+    """One label for all images, or one per image, as a (batch_size,) long tensor."""
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    labels = labels.expand(batch_size) if len(labels) == 1 else labels
+    if len(labels) != batch_size:
+        raise ValueError(f"got {len(labels)} class labels for batch_size {batch_size}")
+    return labels
+
+
 class GenerationOutput(BaseOutput):
     """``images``: PIL list, (B, H, W, C) array or (B, C, H, W) tensor in [0, 1], or the raw final sample;
     ``nfe``: network evaluations per image (CFG's unconditional pass included)."""
@@ -123,13 +132,15 @@ class DiffusionImagePipeline(DiffusionPipeline):
             guidance = Guidance("classifier-free" if class_labels is not None else "none", float(guidance))
         null = None if self.null_class_id is None else torch.full((len(sample),), self.null_class_id,
                                                                    device=sample.device, dtype=torch.long)
-        active = guidance.mode != "none" and guidance.active_at(self._noise_level(timestep))
+        needs_adapter = guidance.mode in CLASSIFIER_MODES or guidance.interval is not None
+        if needs_adapter and guidance.model_adapter is None:
+            guidance.model_adapter = self.model_adapter()
+        active = guidance.mode != "none" and guidance.active_at(guidance.model_adapter, timestep)
         if guidance.mode in CLASSIFIER_MODES:  # the classifier holds the condition; the model runs unconditioned
             if not active:
                 return self._network(timestep, null)(sample), 1
-            output = classifier_guided_output(self._network(timestep, null), self.model_adapter(),
-                                              self.scheduler.config.prediction_type, guidance, sample, timestep,
-                                              class_labels)
+            output = classifier_guided_output(self._network(timestep, null), self.scheduler.config.prediction_type,
+                                              guidance, sample, timestep, class_labels)
             return output, 1
         conditioned = class_labels if class_labels is not None and self.null_class_id is not None else null
         if not active or guidance.scale == 1.0 or conditioned is None:
@@ -140,10 +151,6 @@ class DiffusionImagePipeline(DiffusionPipeline):
         cond, uncond = both.chunk(2)
         return uncond + guidance.scale * (cond - uncond), 2
 
-    def _noise_level(self, timestep) -> float:
-        """σ of the model's input at ``timestep`` (for a guidance interval)."""
-        return float(self.model_adapter().sigma_of_timestep(torch.as_tensor(timestep).reshape(-1)[0].cpu()))
-
     def _class_labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
         if self.null_class_id is None:
             if class_labels is not None:
@@ -151,11 +158,7 @@ class DiffusionImagePipeline(DiffusionPipeline):
             return None
         if class_labels is None:  # unconditional sampling of a conditional model
             return torch.full((batch_size,), self.null_class_id, device=self.device, dtype=torch.long)
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-        if len(labels) == 1:
-            labels = labels.expand(batch_size)
-        if len(labels) != batch_size:
-            raise ValueError(f"got {len(labels)} class labels for batch_size {batch_size}")
+        labels = _per_image_labels(class_labels, batch_size)
         if labels.min() < 0 or labels.max() > self.null_class_id:
             raise ValueError(f"class labels must be in [0, {self.num_classes - 1}] "
                              f"(or {self.null_class_id} for none), got {labels.tolist()}")
@@ -165,11 +168,8 @@ class DiffusionImagePipeline(DiffusionPipeline):
         """The classifier's target class per image, for the classifier guidance modes."""
         if class_labels is None:
             raise ValueError("classifier guidance needs class_labels: the classes to steer toward")
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-        labels = labels.expand(batch_size) if len(labels) == 1 else labels
+        labels = _per_image_labels(class_labels, batch_size)
         num_classes = getattr(getattr(classifier, "config", None), "num_classes", None)
-        if len(labels) != batch_size:
-            raise ValueError(f"got {len(labels)} class labels for batch_size {batch_size}")
         if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
             allowed = "non-negative" if num_classes is None else f"in [0, {num_classes - 1}]"
             raise ValueError(f"class labels must be {allowed} for this classifier, got {labels.tolist()}")

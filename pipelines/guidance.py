@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from schedulers.model_adapters import ModelAdapter
-from schedulers.process import VPSchedule, convert, expand_to, make_betas
+from schedulers.model_adapters import ModelAdapter, VPModelAdapter
+from schedulers.process import convert, expand_to
 
 GUIDANCE_MODES = ("none", "classifier-free", "classifier", "classifier-x0", "similarity")
 CLASSIFIER_MODES = ("classifier", "classifier-x0", "similarity")
@@ -40,13 +41,15 @@ CLASSIFIER_MODES = ("classifier", "classifier-x0", "similarity")
 
 @dataclass
 class Guidance:
-    """One call's guidance settings; ``reference_features`` are E(y_ref, 0) for similarity guidance."""
+    """One call's guidance settings; ``reference_features`` are E(y_ref, 0) for similarity guidance and
+    ``model_adapter`` the model's map to σ-space (set once per call by the pipeline, when needed)."""
 
     mode: str
     scale: float
     interval: tuple[float, float] | None = None
     classifier: torch.nn.Module | None = None
     reference_features: torch.Tensor | None = None
+    model_adapter: ModelAdapter | None = None
 
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:
@@ -61,22 +64,29 @@ class Guidance:
             raise ValueError(f"guidance_mode {self.mode!r} needs a classifier: load the pipeline with "
                              f"classifier=... (e.g. checkpoints/mnist-noisy-classifier)")
 
-    def active_at(self, sigma: float) -> bool:
-        return self.interval is None or self.interval[0] <= sigma <= self.interval[1]
+    def active_at(self, adapter: ModelAdapter | None, timestep) -> bool:
+        """Whether to guide at the model's ``timestep``: inside ``interval`` (in σ), or always without one."""
+        if self.interval is None:
+            return True
+        sigma = float(adapter.sigma_of_timestep(torch.as_tensor(timestep).reshape(-1)[0].cpu()))
+        return self.interval[0] <= sigma <= self.interval[1]
+
+    @cached_property
+    def classifier_adapter(self) -> VPModelAdapter:
+        """How the noisy classifier sees σ-space: the VP process of its inputs (its ``schedule``)."""
+        return VPModelAdapter("epsilon", self.classifier.schedule)
 
 
-def classifier_input(classifier, x_model: torch.Tensor, alpha, beta) -> tuple[torch.Tensor, torch.Tensor]:
+def classifier_input(guidance: Guidance, x_model: torch.Tensor, alpha, beta) -> tuple[torch.Tensor, torch.Tensor]:
     """The noisy classifier's own (x_t, t) for a network state x_model = ᾱ x0 + β̄ ε of any process.
 
-    The classifier was trained on the VP process its config records: the same σ = β̄/ᾱ is its timestep
-    t(σ) and its input ᾱ_vp(σ) · x_model/ᾱ, a linear map, so autograd carries the gradient back to x_model.
+    Both see the same σ = β̄/ᾱ: the classifier's input is s_vp(σ) · x_model/ᾱ at its timestep t(σ), a linear map
+    of x_model, so autograd carries the gradient back to it.
     """
-    config = classifier.config
-    schedule = VPSchedule(make_betas(config.beta_schedule, config.num_train_timesteps, config.beta_start,
-                                     config.beta_end))
+    adapter = guidance.classifier_adapter
     sigma = beta / alpha
-    scale = 1 / (alpha * (1 + sigma**2).sqrt())
-    return x_model * expand_to(scale, x_model).to(x_model.dtype), schedule.timestep_of_sigma(sigma).float()
+    scale = adapter.input_scale(sigma) / alpha
+    return x_model * expand_to(scale, x_model).to(x_model.dtype), adapter.timestep(sigma).float()
 
 
 def log_condition(guidance: Guidance, x_model: torch.Tensor, labels, alpha, beta, denoised=None) -> torch.Tensor:
@@ -85,7 +95,7 @@ def log_condition(guidance: Guidance, x_model: torch.Tensor, labels, alpha, beta
     if guidance.mode == "classifier-x0":
         logits = classifier(denoised.to(next(classifier.parameters()).dtype))
         return torch.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
-    x_in, t_in = classifier_input(classifier, x_model, alpha, beta)
+    x_in, t_in = classifier_input(guidance, x_model, alpha, beta)
     x_in = x_in.to(next(classifier.parameters()).dtype)
     if guidance.mode == "classifier":
         logits = classifier(x_in, t_in.expand(len(x_in)) if t_in.ndim else t_in)
@@ -94,13 +104,13 @@ def log_condition(guidance: Guidance, x_model: torch.Tensor, labels, alpha, beta
     return torch.nn.functional.cosine_similarity(features, guidance.reference_features.float(), dim=1)
 
 
-def classifier_guided_output(network, adapter: ModelAdapter, prediction_type: str, guidance: Guidance,
-                             x_model: torch.Tensor, timestep, labels) -> torch.Tensor:
+def classifier_guided_output(network, prediction_type: str, guidance: Guidance, x_model: torch.Tensor, timestep,
+                             labels) -> torch.Tensor:
     """The network output with ε replaced by ε̃ = ε − β̄ γ ∇ log p(y | x_t), in the model's own parameterization.
 
     ``network(x)`` is the model's unconditional answer at ``timestep``.
     """
-    alpha, beta = (c.to(x_model.device) for c in adapter.coefficients(timestep))
+    alpha, beta = (c.to(x_model.device) for c in guidance.model_adapter.coefficients(timestep))
     with torch.enable_grad():
         x = x_model.detach().requires_grad_(True)
         if guidance.mode == "classifier-x0":  # the gradient runs through the network

@@ -84,6 +84,9 @@ class VPModelAdapter(ModelAdapter):
     def sigma_of_timestep(self, timestep):
         return self.schedule.sigma(torch.as_tensor(timestep, dtype=torch.float64))
 
+    def coefficients(self, timestep):
+        return self.schedule.coefficients(timestep)  # the schedule's own (ᾱ, β̄), without a detour through σ
+
     def sigma_range(self):
         last = torch.tensor(self.schedule.num_train_timesteps - 1)
         return float(self.schedule.sigma(torch.tensor(0))), float(self.schedule.sigma(last))
