@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ from train.checkpointing import (
 )
 from train.data import ImageDataset, load_dataset
 from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, accepted_options, make_objective
-from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative
+from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative, run_main
 
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
 # What a resumed run must share with the run that wrote the checkpoint for the continuation to be exact.
@@ -475,14 +474,7 @@ def resume_run(accelerator: Accelerator, args: argparse.Namespace, invariants: d
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    train(args, argv)
+    run_main(build_parser, check_args, train, argv)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from torch import nn
 from models.gan import Critic, Generator
 from pipelines import GANPipeline
 from train.diffusion import rank_shard
-from train.loop import BaselineRun, preview_grid, run_main
-from train.options import add_common_arguments, check_at_least_one, check_common_args
+from train.loop import BaselineRun, preview_grid
+from train.options import add_common_arguments, check_at_least_one, check_common_args, run_main
 
 QP_LAMBDA = 10.0
 CORRELATION_WEIGHT = 0.5

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -169,16 +168,3 @@ def preview_grid(pipeline, num_classes: int, columns: int = 8, seed: int = 0) ->
     images = pipeline(batch_size=rows * columns, class_labels=labels, output_type="pil",
                       generator=torch.Generator().manual_seed(seed)).images
     return diffusers.utils.make_image_grid(images, rows=rows, cols=columns)
-
-
-def run_main(build_parser: Callable[[], argparse.ArgumentParser], check_args: Callable[[argparse.Namespace], None],
-             train: Callable[[argparse.Namespace, list[str]], Path], argv: list[str] | None) -> None:
-    """Parse, validate (a bad option becomes the parser's usage error), train."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    train(args, argv)

@@ -8,6 +8,8 @@ in every trainer (and in the app's Train tab, which parses with the trainer's pa
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,3 +77,16 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.max_train_images is not None and args.max_train_images < 1:
         raise ValueError(f"--max-train-images must be at least 1, got {args.max_train_images}")
+
+
+def run_main(build_parser: Callable[[], argparse.ArgumentParser], check_args: Callable[[argparse.Namespace], None],
+             train: Callable[[argparse.Namespace, list[str]], Path], argv: list[str] | None) -> None:
+    """Parse, validate (a bad option becomes the parser's usage error), train."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    train(args, argv)

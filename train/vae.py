@@ -31,8 +31,8 @@ from diffusers.training_utils import EMAModel
 from models.vae import ConvVAE, HierarchicalVAE, discretized_logistic_log_likelihood
 from pipelines import VAEPipeline
 from train.data import load_dataset
-from train.loop import BaselineRun, preview_grid, run_main
-from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative
+from train.loop import BaselineRun, preview_grid
+from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative, run_main
 
 MODELS = {"conv": ConvVAE, "nvae": HierarchicalVAE}
 DEFAULT_SPECTRAL_REG = {"conv": 0.0, "nvae": 0.1}
