@@ -8,10 +8,13 @@ same per-digit labels from the same seeds with the model's DDIM scheduler, and i
 * ``feature_fid``: the Fréchet distance of judge features to the 500 held-out digits (quality and diversity),
   next to the real-vs-real floor.
 
-    python bench/guidance.py [--samples 1000] [--steps 50] [--scales 0 1 2 3 4 6 8]
+    python bench/guidance.py [--samples 1000] [--steps 25] [--scales 0 1 2 3 4 6 8] [--modes classifier-free]
 
 prints the table, writes bench/results/guidance.json (with the machine it ran on) and guidance.png (accuracy
-against feature-FID, one curve per mode, scales marked).
+against feature-FID, one curve per mode, scales marked). The modes are independent, so they can run as separate
+processes (``--modes classifier --name guidance-classifier``) and be joined afterwards:
+
+    python bench/guidance.py --merge bench/results/guidance-cfg.json bench/results/guidance-classifier.json
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("classifier-free", "classifier")
 
 
-def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales: list[float], seed: int) -> dict:
+def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales: list[float], seed: int,
+        modes: list[str]) -> dict:
     classifier = NoisyClassifier.from_pretrained(classifier_dir).eval()
     pipeline = DiffusionImagePipeline.from_pretrained(model_dir, classifier=classifier)
     pipeline.set_progress_bar_config(disable=True)
@@ -46,7 +50,7 @@ def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales:
     heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
     labels = torch.arange(pipeline.num_classes).repeat_interleave(samples // pipeline.num_classes)
     rows = []
-    for mode in MODES:
+    for mode in modes:
         for scale in scales:
             started = time.perf_counter()
             images = generate(pipeline, labels, scale, steps, seed, guidance_mode=mode)
@@ -61,6 +65,29 @@ def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales:
             "rows": rows}
 
 
+def merge(paths: list[Path]) -> dict:
+    """One results dict from runs of different modes with the same model, samples, steps and seed."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    settings = ("model", "classifier", "samples", "steps", "seed", "sampler")
+    for path, part in zip(paths[1:], parts[1:]):
+        differing = [key for key in settings if part[key] != parts[0][key]]
+        if differing:
+            raise SystemExit(f"cannot merge {path} with {paths[0]}: they differ in {', '.join(differing)}")
+    return {**parts[0], "rows": [row for part in parts for row in part["rows"]]}
+
+
+def markdown(results: dict) -> str:
+    """The table of every mode and scale, the real-vs-real floor, and the plot."""
+    lines = [f"{results['samples']} samples per point (equal per digit), {results['sampler']} with "
+             f"{results['steps']} steps, seed {results['seed']}; feature-FID against the 500 held-out digits.", "",
+             "| mode | scale | judge accuracy | feature-FID |", "|---|---|---|---|"]
+    lines += [f"| {row['mode']} | {row['scale']:g} | {row['accuracy']:.1%} | {row['feature_fid']:.2f} |"
+              for row in results["rows"]]
+    lines += [f"| real held-out halves (floor) | — | — | {results['real_fid_floor']:.2f} |", "",
+              "![judge accuracy against feature-FID per guidance scale](../bench/results/guidance.png)"]
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -70,6 +97,8 @@ def plot(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for mode in MODES:
         rows = [row for row in results["rows"] if row["mode"] == mode]
+        if not rows:
+            continue
         axis.plot([row["feature_fid"] for row in rows], [100 * row["accuracy"] for row in rows], "o-", label=mode)
         for row in rows:
             axis.annotate(f"{row['scale']:g}", (row["feature_fid"], 100 * row["accuracy"]), fontsize=8,
@@ -88,19 +117,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("checkpoints/mnist-vp"))
     parser.add_argument("--classifier", type=Path, default=Path("checkpoints/mnist-noisy-classifier"))
     parser.add_argument("--samples", type=int, default=1000, help="samples per point, equal per digit")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 4, 6, 8])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--name", default="guidance", help="results file stem under bench/results/")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="join earlier runs' results files (one per mode) instead of sampling")
     args = parser.parse_args(argv)
     if args.samples < 20 or args.samples % 10:
         parser.error("--samples must be a multiple of 10 (equal per digit), at least 20")
-    diffusers_logging.disable_progress_bar()
-    results = run(args.model, args.classifier, args.samples, args.steps, args.scales, args.seed)
-    print("\n| mode | scale | judge accuracy | feature-FID |\n|---|---|---|---|")
-    for row in results["rows"]:
-        print(f"| {row['mode']} | {row['scale']:g} | {row['accuracy']:.1%} | {row['feature_fid']:.2f} |")
-    print(f"| real held-out halves (floor) | — | — | {results['real_fid_floor']:.2f} |")
+    if args.merge:
+        results = merge(args.merge)
+    else:
+        diffusers_logging.disable_progress_bar()
+        results = run(args.model, args.classifier, args.samples, args.steps, args.scales, args.seed, args.modes)
+    print("\n" + markdown(results))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / f"{args.name}.png")
