@@ -276,9 +276,11 @@ class DiffusionImagePipeline(DiffusionPipeline):
             if self.scheduler.config.prediction_type not in PREDICTION_TYPES:
                 raise ValueError(f"classifier guidance rewrites ε, so it needs a model predicting one of "
                                  f"{PREDICTION_TYPES}; this one predicts {self.scheduler.config.prediction_type!r}")
-            labels = self._classifier_labels(class_labels, batch_size, guidance.classifier)
-            if guidance.mode == "similarity":
+            if guidance.mode == "similarity":  # the reference image is the condition; class_labels play no part
+                labels = None
                 guidance.reference_features = self._reference_features(reference_image, guidance.classifier)
+            else:
+                labels = self._classifier_labels(class_labels, batch_size, guidance.classifier)
         else:
             labels = self._class_labels(class_labels, batch_size)
             if guidance.mode == "classifier-free" and self.null_class_id is None:

@@ -94,7 +94,7 @@ def test_guidance_outside_its_interval_is_unguided_sampling(class_mixture, class
 def test_similarity_guidance_steers_toward_the_reference_class(class_mixture, classifier):
     pipe = pipeline(class_mixture, classifier)
     reference = class_mixture.sample(1, seeded(5), class_labels=torch.tensor([TARGET])).float()
-    steered = pipe(batch_size=N, num_inference_steps=STEPS, class_labels=TARGET, guidance_mode="similarity",
+    steered = pipe(batch_size=N, num_inference_steps=STEPS, guidance_mode="similarity",  # no class_labels needed
                    guidance_scale=30.0, reference_image=reference[0], generator=seeded(0), output_type="raw").images
     unguided = sample(pipe, guidance_mode="classifier", guidance_scale=0.0)
 
