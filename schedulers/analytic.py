@@ -15,6 +15,8 @@ the model. ``python -m schedulers.analytic MODEL_DIR`` writes such a scheduler i
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 
 import numpy as np
 import torch
@@ -32,6 +34,14 @@ def analytic_extra_variance(acp: torch.Tensor, acp_prev: torch.Tensor, std: torc
     return gamma**2 * (1 - acp) / acp * factor
 
 
+def analytic_last_std_cap(clip_pixels: float) -> float:
+    """The cap on the second-to-last step's std in Bao et al.'s code (``clip_sigma_idx=1``): noise whose mean
+    absolute value is ``clip_pixels`` 8-bit levels of data in [−1, 1], clip_pixels · (2/255) · sqrt(π/2) (E|z| =
+    sqrt(2/π) for z ~ N(0, 1)). They use 2 for the linear β schedule and 1 for the cosine one. Without it the
+    x̂0 uncertainty at the last noisy step, which the final, noiseless step cannot remove, leaves visible grain."""
+    return clip_pixels * (2 / 255) * math.sqrt(math.pi / 2)
+
+
 @torch.no_grad()
 def estimate_eps_second_moment(model, schedule: VPSchedule, images: torch.Tensor, prediction_type: str,
                                labels: torch.Tensor | None = None, num_timesteps: int = 100, batch_size: int = 160,
@@ -40,7 +50,7 @@ def estimate_eps_second_moment(model, schedule: VPSchedule, images: torch.Tensor
     (``batch_size`` random images each, as Su's adpm.py) and interpolated linearly in between."""
     T = schedule.num_train_timesteps
     measured_at = np.unique(np.linspace(0, T - 1, num_timesteps).round().astype(int))
-    device = next(iter(model.parameters()), next(iter(model.buffers()))).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device  # a UNet has no buffers
     values = []
     for t in tqdm(measured_at, desc="E‖ε‖²/d", leave=False):
         pick = torch.randint(0, len(images), (batch_size,), generator=generator)

@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
 from diffusers.utils.torch_utils import randn_tensor
 
-from .analytic import analytic_extra_variance
+from .analytic import analytic_extra_variance, analytic_last_std_cap
 from .base import VPScheduler
 from .process import to_x0_and_epsilon
 from .registry import register
@@ -54,10 +54,12 @@ class DDIMScheduler(VPScheduler):
     """DDIM sampler; same config keys and trajectories as ``diffusers.DDIMScheduler``, plus inversion.
 
     ``eps_second_moment`` (E‖ε_θ‖²/d per training timestep, from ``schedulers.analytic``) turns on
-    Analytic-DPM's variance. ``eta`` here is the default for ``step(eta=None)``, so the stochastic members
-    of the family also run inside pipelines that never pass η (diffusers' ``DDPMPipeline``). Unlike
-    diffusers, which always steps to t − T/n, the next point is the next timestep of the grid, so
-    ``linspace`` spacing and custom subsequences step where they say.
+    Analytic-DPM's variance, with Bao et al.'s two guards: no noise on the last step, and the second-to-last
+    step's std capped at ``analytic_clip_pixels`` 8-bit levels (``analytic_last_std_cap``; 0: no cap).
+    ``eta`` here is the default for ``step(eta=None)``, so the stochastic members of the family also run inside
+    pipelines that never pass η (diffusers' ``DDPMPipeline``). Unlike diffusers, which always steps to t − T/n,
+    the next point is the next timestep of the grid, so ``linspace`` spacing and custom subsequences step where
+    they say.
     """
 
     @register_to_config
@@ -81,9 +83,12 @@ class DDIMScheduler(VPScheduler):
         eta: float = 0.0,
         sigma_type: Literal["eta", "beta"] = "eta",
         eps_second_moment: list[float] | None = None,
+        analytic_clip_pixels: float = 2.0,
     ):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if analytic_clip_pixels < 0:
+            raise ValueError(f"analytic_clip_pixels must be ≥ 0 (0: no cap), got {analytic_clip_pixels}")
         if eps_second_moment is not None and len(eps_second_moment) != num_train_timesteps:
             raise ValueError(f"eps_second_moment needs one value per training timestep ({num_train_timesteps}), "
                              f"got {len(eps_second_moment)}")
@@ -117,9 +122,11 @@ class DDIMScheduler(VPScheduler):
         std = ddim_sigma(acp, acp_prev, eta, self.config.sigma_type)
         direction = (1 - acp_prev - std**2).clamp(min=0).sqrt()
         prev_sample = acp_prev.sqrt().to(sample.dtype) * x0 + direction.to(sample.dtype) * eps
-        if self.config.eps_second_moment is not None:  # Analytic-DPM: same mean, the x̂0 uncertainty added
+        if self.config.eps_second_moment is not None and prev_t >= 0:  # Analytic-DPM, no noise onto the data
             moment = self.config.eps_second_moment[int(timestep)]
             std = (std**2 + analytic_extra_variance(acp, acp_prev, std, moment)).sqrt()
+            if self.previous_timestep(prev_t) < 0 and self.config.analytic_clip_pixels > 0:
+                std = std.clamp(max=analytic_last_std_cap(self.config.analytic_clip_pixels))
         if std > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
