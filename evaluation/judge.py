@@ -2,9 +2,10 @@
 
 ``feature_fid`` is the Fréchet distance of Heusel et al. 2017 (GANs Trained by a Two Time-Scale Update Rule,
 §"Fréchet Inception Distance"), d² = ‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½), between Gaussians fitted
-to the judge's 128-d penultimate features instead of Inception's; torchmetrics' ``FrechetInceptionDistance``
-computes it, with the judge plugged in as its custom feature extractor. Its values are on the judge's own
-feature scale: compare them with ``real_fid_floor`` (two halves of real held-out digits), not with Inception FIDs.
+to the judge's 128-d penultimate features instead of Inception's (``evaluation.metrics.frechet_distance``, on
+torchmetrics' ``FrechetInceptionDistance``). Its values are on the judge's own feature scale: compare them with
+``real_fid_floor`` (two halves of real held-out digits), not with Inception FIDs. ``evaluation.metrics`` gathers
+every sample-quality metric, these included, behind one entry point.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.judge import MNISTJudge
 from train.data import load_dataset
@@ -50,16 +49,12 @@ def judge_accuracy(judge: MNISTJudge, images: torch.Tensor, labels: torch.Tensor
 
 def feature_fid(judge: MNISTJudge, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     """The Fréchet distance between the judge-feature Gaussians of two image sets (N×1×32×32 in [-1, 1])."""
+    from evaluation.metrics import frechet_distance  # evaluation.metrics imports this module
+
     for images in (images_a, images_b):
-        check_judge_inputs(judge, images)
         if len(images) < 2:
             raise ValueError(f"feature_fid needs at least 2 images per set to estimate a covariance, got {len(images)}")
-    metric = FrechetInceptionDistance(feature=_JudgeFeatures(judge)).to(judge.device)
-    for images, real in ((images_a, True), (images_b, False)):
-        for batch in images.split(BATCH_SIZE):
-            metric.update(batch.to(judge.device), real=real)
-    # the distance is a squared norm; eigenvalue rounding can leave it a hair below zero for identical sets.
-    return max(metric.compute().item(), 0.0)
+    return frechet_distance(judge_features(judge, images_a).cpu(), judge_features(judge, images_b).cpu())
 
 
 def real_fid_floor(judge: MNISTJudge) -> float:
@@ -72,19 +67,6 @@ def real_fid_floor(judge: MNISTJudge) -> float:
     # each half 25 digits of every class.
     by_label = labels.argsort(stable=True)
     return feature_fid(judge, images[by_label[0::2]], images[by_label[1::2]])
-
-
-class _JudgeFeatures(nn.Module):
-    """The judge's penultimate layer as torchmetrics wants a custom extractor: N×num_features out."""
-
-    def __init__(self, judge: MNISTJudge):
-        super().__init__()
-        self.judge = judge
-        # torchmetrics reads the feature size from this attribute rather than probing with a dummy image.
-        self.num_features = judge.config.feature_dim
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.judge.features(images)
 
 
 def check_judge_inputs(judge: MNISTJudge, images: torch.Tensor) -> None:
