@@ -19,12 +19,16 @@ is chosen per NFE on a *different* mixture (``TUNING_SEED``: another draw of mea
 initial noise) by the smallest ``|NLL gap| + 100 · sliced-W2 gap`` (1 nat weighs as 0.01 of W2), written to
 bench/results/samplers-grids.json, and then scored here like every other entry (``…/searched`` rows).
 
-    python bench/samplers.py --search            # the grid search on the tuning mixture (~15 min, 1 core)
-    python bench/samplers.py [--samples 2000] [--quick]
+The mean-value entries (``dpmpp-2m-mv``, ``dpmpp-2m-mvp``) also fit their κ table per grid on the tuning mixture
+(``fit_mean_value_points``, Euclidean and precision-weighted least squares).
 
-prints the table and a best-per-NFE summary, and writes bench/results/samplers.json and samplers.png. With
-2,000 samples two sets of true samples differ by ~0.3 nats of NLL and ~0.005 of sliced W2, as much as the
-best samplers differ from each other (the exact ODE itself scores ~0.02 and +0.4 at 2,000); 10,000 cuts that to ~0.1.
+    python bench/samplers.py --search            # the grid search on the tuning mixture (~15 min, 1 core)
+    python bench/samplers.py [--samples 10000] [--quick]   # ~20 min, 1 core
+
+prints the table and a best-per-NFE summary, and writes bench/results/samplers.json and samplers.png (another
+--samples writes samplers-nN.*). With 2,000 samples two sets of true samples differ by ~0.3 nats of NLL and
+~0.005 of sliced W2, as much as the best samplers differ from each other; the default 10,000 cuts that to about
+0.13 nats and 0.002 (the exact ODE itself scores −0.002 and −0.08 there).
 """
 
 from __future__ import annotations
@@ -129,14 +133,15 @@ def _project(solver: str, lower_order_final: bool = False):
     return make
 
 
-MEAN_VALUE_ENTRY = "dpmpp-2m-mv/searched"
+# The mean-value entries: label → how ``fit_mean_value_points`` weights its least squares.
+MEAN_VALUE_ENTRIES = {"dpmpp-2m-mv/searched": "euclidean", "dpmpp-2m-mvp/searched": "precision"}
 # Searched entries: label → (factory(grid) → scheduler, evaluations beyond one per step).
 SEARCHED = {
     "diffusers-dpmpp-2m/searched": (lambda g: GridDPMSolver(g["sigma_min"], g["sigma_max"], g["rho"], g["final"]), 0),
     "dpmpp-2m/searched": (_project("dpmpp-2m"), 0),
     "dpmpp-2m-lof/searched": (_project("dpmpp-2m", lower_order_final=True), 0),
     "dpmpp-3m-lof/searched": (_project("dpmpp-3m", lower_order_final=True), 1),
-    MEAN_VALUE_ENTRY: (_project(schedulers.ode.MEAN_VALUE), 0),
+    **{label: (_project(schedulers.ode.MEAN_VALUE), 0) for label in MEAN_VALUE_ENTRIES},
 }
 
 
@@ -150,7 +155,8 @@ def searched_run(label: str, grid: dict, nfe: int):
     return scheduler, nfe - extra + (grid["final"] == "sigma_min")
 
 
-def fitted_mean_value_points(mixture: GaussianMixture, grid: dict, nfe: int, samples: int) -> list[float]:
+def fitted_mean_value_points(mixture: GaussianMixture, grid: dict, nfe: int, samples: int,
+                             weighting: str) -> list[float]:
     """``fit_mean_value_points`` for the grid of ``grid`` at ``nfe``, on ``mixture`` from noise (seed 11) that
     is neither the benchmark's nor the scored run's."""
     probe, steps = searched_run("dpmpp-2m/searched", grid, nfe)  # the same grid and step count
@@ -158,7 +164,7 @@ def fitted_mean_value_points(mixture: GaussianMixture, grid: dict, nfe: int, sam
     sigmas = probe.sigmas
     starts = torch.randn(samples, *mixture.sample_shape, generator=torch.Generator().manual_seed(11),
                          dtype=torch.float64) * (1 + sigmas[0] ** 2).sqrt()
-    return schedulers.ode.fit_mean_value_points(mixture.denoise, starts, sigmas)
+    return schedulers.ode.fit_mean_value_points(mixture.denoise, starts, sigmas, weighting=weighting)
 
 
 class Scene:
@@ -188,8 +194,9 @@ def search_grids(samples: int) -> dict:
     space = [dict(zip(keys, values)) for values in itertools.product(*SEARCH.values())]
     best = {}
     for label, target, grid in tqdm(list(itertools.product(SEARCHED, SEARCH_NFES, space)), desc="grid search"):
-        if label == MEAN_VALUE_ENTRY:  # fit the table for this grid, on the tuning mixture
-            grid = {**grid, "mean_value_points": fitted_mean_value_points(scene.mixture, grid, target, samples)}
+        if label in MEAN_VALUE_ENTRIES:  # fit the table for this grid, on the tuning mixture
+            grid = {**grid, "mean_value_points": fitted_mean_value_points(scene.mixture, grid, target, samples,
+                                                                          MEAN_VALUE_ENTRIES[label])}
         scheduler, steps = searched_run(label, grid, target)
         scene.pipe.scheduler = scheduler
         out = scene.pipe(batch_size=samples, num_inference_steps=steps, latents=scene.latents, output_type="raw")
@@ -248,7 +255,7 @@ def exact_ode_samples(mixture: GaussianMixture, latents: torch.Tensor) -> torch.
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="NFE 10 only, a few samplers (smoke run)")
     parser.add_argument("--replot", action="store_true", help="redraw the plot and summary from the saved JSON")
     parser.add_argument("--search", action="store_true", help="search the grids of the …/searched entries on the "
@@ -376,6 +383,38 @@ def summarize(rows):
             print(f"{theirs['nfe_target']:4d}  vs {theirs['sampler']}: {names}")
 
 
+def markdown(results: dict) -> str:
+    """The best configuration of each side per NFE, then every project entry at every NFE, and the plot."""
+    rows = [r for r in results["rows"] if "error" not in r]
+    targets = sorted({r["nfe_target"] for r in rows})
+    best = {side: {r["nfe_target"]: r for r in best_per_nfe(rows, side)} for side in SIDES}
+    exact = results["exact_ode"]
+    lines = [f"{results['samples']} samples of the mixture ({results['mixture']}). Cells: sliced-W2 gap over the "
+             f"finite-sample floor ({results['sw2_floor']:.4f}) / NLL gap in nats (0 = the true spread); the exact "
+             f"ODE itself scores {exact['sw2_gap']:.4f} / {exact['nll_gap']:.2f} at this sample count.", "",
+             "Best configuration per NFE (smallest |NLL gap| among those with sliced-W2 gap ≤ 0.05):", "",
+             "| NFE | " + " | ".join(SIDES.values()) + " |", "|---|" + "---|" * len(SIDES)]
+    for target in targets:
+        cells = [_markdown_best(best[side].get(target)) for side in SIDES]
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    lines += ["", "Every project entry:", "", "| sampler | " + " | ".join(f"NFE {t}" for t in targets) + " |",
+              "|---|" + "---|" * len(targets)]
+    for sampler in dict.fromkeys(r["sampler"] for r in rows if side_of(r["sampler"]) == "project"):
+        by_target = {r["nfe_target"]: r for r in rows if r["sampler"] == sampler}
+        cells = [_markdown_gaps(by_target[t]) if t in by_target else "—" for t in targets]
+        lines.append(f"| `{sampler}` | " + " | ".join(cells) + " |")
+    lines += ["", "![sampler benchmark](../bench/results/samplers.png)"]
+    return "\n".join(lines)
+
+
+def _markdown_gaps(row: dict) -> str:
+    return f"{row['sw2_gap']:.3g} / {row['nll_gap']:.3g}"
+
+
+def _markdown_best(row: dict | None) -> str:
+    return "—" if row is None else f"`{row['sampler']}` {_markdown_gaps(row)}"
+
+
 def plot(rows, path: Path):
     """NLL gap and sliced-W2 gap vs NFE: every configuration faint, the best of each side (``best_per_nfe``)
     bold, and the project's mean-value entry dashed (the one that beats the searched baseline on both at NFE 5)."""
@@ -396,9 +435,10 @@ def plot(rows, path: Path):
             best = best_per_nfe(rows, side)
             ax.plot([r["nfe"] for r in best], [r[metric] for r in best], color=color, lw=2.2, marker="o",
                     label=SIDES[side] + ", best by |NLL gap|")
-        mean_value = [r for r in ok if r["sampler"] == MEAN_VALUE_ENTRY]
-        ax.plot([r["nfe"] for r in mean_value], [r[metric] for r in mean_value], color="tab:green", lw=2, ls="--",
-                marker="s", label=MEAN_VALUE_ENTRY)
+        for entry, color in zip(MEAN_VALUE_ENTRIES, ("tab:green", "tab:purple")):
+            mean_value = [r for r in ok if r["sampler"] == entry]
+            ax.plot([r["nfe"] for r in mean_value], [r[metric] for r in mean_value], color=color, lw=2, ls="--",
+                    marker="s", label=entry)
         ax.set(xscale="log", xlabel="NFE", ylabel=label, ylim=limits)
         if metric == "nll_gap":
             ax.set_yscale("symlog", linthresh=1.0)

@@ -73,7 +73,7 @@ def test_the_dpmpp_2m_mean_value_point_gives_dpmpp_2m(mixture):
 def test_fitted_mean_value_points_beat_dpmpp_2m_on_fresh_noise(mixture):
     """Fitted on one batch of noise, judged on another against a tight solution, five steps: measured RMS error
     0.082 for the fitted table (κ = 0, 3.02, 0.85, 0.17, 0) against 0.113 for dpmpp-2m (0.73×)."""
-    points = schedulers.ode.fit_mean_value_points(mixture.denoise, starts(1), GRID)
+    points = schedulers.ode.fit_mean_value_points(mixture.denoise, starts(1), GRID, weighting="euclidean")
     assert points[0] == 0.0 and points[-1] == 0.0  # no history on the first step; first order on the last
     x = starts(2)
     fine = torch.exp(torch.linspace(GRID[0].log(), GRID[-1].log(), 400, dtype=torch.float64))
@@ -94,3 +94,23 @@ def test_mean_value_scheduler_checks_its_table(mixture):
         scheduler.set_timesteps(10)
     scheduler.set_timesteps(3)  # three grid points and the final denoise: three steps
     assert scheduler.nfe == 3
+
+
+def test_the_precision_weighted_fit_is_closer_in_the_data_metric(mixture):
+    """Weighted by the reference's inverse covariance, the fit trades Euclidean error for error in the thin
+    directions: judged on fresh noise in the data's own Mahalanobis norm, it is the closer of the two (measured
+    1.10 against 1.15; in Euclidean RMS 0.085 against 0.080)."""
+    x = starts(2, 2000)
+    fine = torch.exp(torch.linspace(GRID[0].log(), GRID[-1].log(), 400, dtype=torch.float64))
+    tight = schedulers.ode.drive_solver(schedulers.ode.SOLVERS["dpmpp-3m"], mixture.denoise, x, fine)[0]
+    precision = torch.linalg.inv(torch.cov(tight.T))
+    errors = {}
+    for weighting in schedulers.ode.WEIGHTINGS:
+        points = schedulers.ode.fit_mean_value_points(mixture.denoise, starts(1), GRID, weighting=weighting)
+        residual = solve(mixture, schedulers.ode.mean_value_multistep(points), x) - tight
+        errors[weighting] = float((residual @ precision * residual).sum(1).mean().sqrt())
+    assert errors["precision"] < errors["euclidean"]
+    with pytest.raises(ValueError, match="more starts than dimensions"):
+        schedulers.ode.fit_mean_value_points(mixture.denoise, starts(1, 16), GRID, weighting="precision")
+    with pytest.raises(ValueError, match="weighting"):
+        schedulers.ode.fit_mean_value_points(mixture.denoise, starts(1), GRID, weighting="mahalanobis")
