@@ -356,6 +356,51 @@ def print_tables(results: dict) -> None:
         print(f"\nskipped (time budget): {len(results['skipped'])} rows")
 
 
+def markdown(results: dict) -> str:
+    """The kernel rows (TFLOP/s of ours and SDPA-flash, their ratio, our worst relative error against SDPA), the
+    whole-UNet rows, and what a time budget skipped."""
+    timed = any(row["methods"] for row in results["rows"])
+    timing = (f"TFLOP/s, {results['timing']}; FLOPs: {results['flops']}" if timed
+              else "no timings: a CPU smoke run through Triton's interpreter checks correctness only")
+    lines = [f"{results['device']}, {results['date']}; {timing}. Error: the largest ‖triton − sdpa‖/‖sdpa‖ over "
+             "the output and the three gradients.", "",
+             "| shape | dtype | triton fwd | flash fwd | ratio | triton fwd+bwd | flash fwd+bwd | ratio | error | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        shape = Shape(row["suite"], row["batch"], row["heads"], row["len_q"], row["head_dim"],
+                      None if row["len_k"] == row["len_q"] else row["len_k"])
+        ours, flash = row["methods"].get("triton", {}), row["methods"].get("sdpa-flash", {})
+        cells = []
+        for mode in ("fwd", "fwd_bwd"):
+            cells += [_markdown_number(ours.get(f"{mode}_tflops"), 1), _markdown_number(flash.get(f"{mode}_tflops"), 1),
+                      _markdown_number(row["ratio_to_sdpa_flash"].get(mode), 2)]
+        errors = row["error_vs_sdpa"]
+        error = max(errors[name]["relative"] for name in ("out", "dq", "dk", "dv"))
+        lines.append(f"| {' '.join(shape.label().split())} | {row['dtype']} | " + " | ".join(cells)
+                     + f" | {error:.1e} | {'yes' if errors['ok'] else '**no**'} |")
+    lines.append("")
+    if isinstance(results.get("unet"), list):
+        lines += ["Whole UNet (the repository's 'cifar' architecture, 32×32), ms per call:", "",
+                  "| variant | backend | dtype | batch | inference | training step | max abs diff vs default |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in results["unet"]:
+            if "note" in row:
+                lines.append(f"| {row['variant']} | {row['backend']} | {row['note']} | | | | |")
+            else:
+                lines.append(f"| {row['variant']} | {row['backend']} | {row['dtype']} | {row['batch']} | "
+                             f"{row['inference_ms']:.2f} | {row['training_step_ms']:.2f} | "
+                             f"{row['max_abs_diff_vs_default']:.1e} |")
+    elif results.get("unet"):
+        lines.append(f"Whole UNet: {results['unet']}.")
+    if results.get("skipped"):
+        lines.append(f"\nNot started within the time budget: {len(results['skipped'])} rows.")
+    return "\n".join(lines).rstrip()
+
+
+def _markdown_number(value, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else "—"
+
+
 def _header(device: str) -> dict:
     import torch
     import triton

@@ -135,6 +135,22 @@ def main(argv=None):
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
+def markdown(results: dict) -> str:
+    """The table of every model (the real-digit floor first) and the plot."""
+    lines = [f"{results['samples']} samples per model ({results['samples'] // NUM_CLASSES} per digit), seed "
+             f"{results['seed']}; feature-FID and precision/recall against the 500 held-out digits in judge features; "
+             f"s/image on this machine with {results['threads']} torch thread(s). FID grows as the sample count "
+             "shrinks: compare rows of one run.", "",
+             "| model | NFE | feature-FID | accuracy | coverage | entropy (bits) | precision | recall | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['fid']:.2f} | {r['accuracy']:.1%} | {r['coverage']:.0%} | "
+                     f"{r['entropy_bits']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{r['seconds_per_image']:.4f} |")
+    lines += ["", "![models: FID against time, precision against recall](../bench/results/models.png)"]
+    return "\n".join(lines)
+
+
 def plot(rows, path: Path, samples: int):
     """Left: feature-FID against seconds per image; right: precision against recall. The real floor dashed."""
     import matplotlib

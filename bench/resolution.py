@@ -59,6 +59,16 @@ def set_attention(pipe: DiffusionImagePipeline, lengths: dict[Attention, int], e
         block.set_processor(FusedAttnProcessor("sdpa", entropy_invariant_n0=n0 if entropy_invariant else None))
 
 
+def markdown(results: dict) -> str:
+    """The table of the three variants and the sample grids (one row of grids per variant)."""
+    lines = [f"{results['per_class']} samples per digit, {results['steps']} steps, guidance {results['guidance']:g}; "
+             "64×64 samples are judged after 2×2 average pooling.", "",
+             "| variant | judge accuracy | seconds |", "|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['judge_accuracy']:.1%} | {r['seconds']:.0f} |" for r in results["rows"]]
+    lines += ["", "![samples per variant, top to bottom as in the table](resolution-extrapolation.png)"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "mnist-vp"))

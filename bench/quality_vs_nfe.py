@@ -1,0 +1,273 @@
+"""Quality against NFE on the shipped MNIST model: feature-FID of each sampler family at NFE ≈ 5, 10, 20, 50.
+
+Every registered sampler named in ``--samplers`` drives ``checkpoints/mnist-vp`` (a VP ε-model) class-conditionally
+at guidance scale 1 (plain conditional: one UNet call per step), with the same per-digit labels and the same
+seeds for every row, and the MNIST judge scores the samples:
+
+* ``feature_fid``: the Fréchet distance of judge features to the 500 held-out digits (``evaluation.judge``);
+* ``accuracy``: the judge's accuracy on the intended digits.
+
+NFE counts network evaluations honestly: each row takes the most steps whose run costs at most the target
+(``len(scheduler.timesteps)`` after ``set_timesteps``, one UNet call each), so Heun and the predictor–corrector
+SDE get about half the steps of a one-evaluation solver, and the table shows the NFE actually spent. Two lines
+frame the rows: DDPM with all 1,000 training steps (the sampler the model was trained for, at its most
+expensive: the reference) and ``real_fid_floor`` (250 real held-out digits against the other 250).
+
+The default samplers are one per family and order: ``ddpm`` (ancestral; its own curve runs into the reference),
+``ddim`` (η = 0, the shipped scheduler, which is also the exponential-integrator Euler step), ``analytic-ddpm``
+(DDPM with Analytic-DPM's optimal variance, Bao et al. 2022: the fix for few-step ancestral sampling; the model
+ships no E‖ε_θ‖²/d table, so it is estimated here on the train split as ``python -m schedulers.analytic``
+does, and the seconds it took are recorded), ``heun`` (second-order probability-flow ODE, two evaluations per
+step), ``dpmpp-2m`` (multistep DPM-Solver++, Lu et al. 2022) and ``sde-euler-maruyama`` (the reverse SDE,
+Song et al. 2021). Euler and DPM-Solver++ 3M are left out by default: Euler is DDIM on another σ grid, 3M a
+higher-order 2M; ``--samplers`` adds them or any other registered VP sampler that needs no fitted table.
+
+Feature-FID from N samples is biased upward, more the smaller N is (the 128-d covariance is estimated from N
+points), so rows are comparable only at equal N, within one run, not with FIDs from other sample counts.
+
+    python bench/quality_vs_nfe.py [--samples 200] [--nfe 5 10 20 50] [--samplers ddim heun ...] [--quick]
+
+prints the table and writes bench/results/quality_vs_nfe.json (with the machine it ran on; rewritten after every
+row) and quality_vs_nfe.png (feature-FID against NFE, log axes). ``--quick`` is a smoke run: 20 samples, two NFE,
+three samplers, a 50-step reference, a coarse table, written to quality_vs_nfe-quick.json. The full run costs
+about samples × (ΣNFE + 1000) UNet evaluations: 50 CPU-minutes at 200 samples (1 h 45 min on two shared cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import schedulers  # noqa: E402
+from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
+from pipelines import DiffusionImagePipeline  # noqa: E402
+from schedulers.analytic import estimate_eps_second_moment  # noqa: E402
+from schedulers.process import VPSchedule  # noqa: E402
+from train.data import load_dataset  # noqa: E402
+from train.evaluate_model import generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLERS = ("ddpm", "ddim", "analytic-ddpm", "heun", "dpmpp-2m", "sde-euler-maruyama")
+NFES = (5, 10, 20, 50)
+REFERENCE_SAMPLER, REFERENCE_STEPS = "ddpm", 1000
+# E‖ε_θ‖²/d: measured timesteps × images per timestep (python -m schedulers.analytic's defaults; --quick: coarse)
+ANALYTIC_TABLE, QUICK_ANALYTIC_TABLE = (100, 160), (10, 20)
+QUICK = {"samples": 20, "nfe": [5, 10], "samplers": ["ddim", "analytic-ddpm", "heun"], "reference_steps": 50}
+BIAS_NOTE = ("feature-FID from N samples is biased upward, more for smaller N: rows are comparable only at equal N "
+             "(this run's), not with FIDs from other sample counts")
+
+
+def steps_for(scheduler, target_nfe: int, nfe_per_step: int) -> tuple[int, int]:
+    """(steps, NFE): the most steps whose run costs at most ``target_nfe`` network evaluations, and that cost.
+
+    A run calls the network once per entry of ``scheduler.timesteps`` (at guidance 1), which for Heun is
+    2·steps − 1 (the last step into σ = 0 is an Euler step) and for DPM-Solver++ 3M steps + 1.
+    """
+    def cost(steps: int) -> int:
+        scheduler.set_timesteps(steps)
+        return len(scheduler.timesteps)
+
+    steps = max(1, target_nfe // nfe_per_step)
+    while steps > 1 and cost(steps) > target_nfe:
+        steps -= 1
+    while cost(steps + 1) <= target_nfe:
+        steps += 1
+    nfe = cost(steps)
+    if nfe > target_nfe:
+        raise ValueError(f"{type(scheduler).__name__} spends {nfe} evaluations on its shortest run, "
+                         f"more than the target {target_nfe}")
+    return steps, nfe
+
+
+def analytic_table(pipeline: DiffusionImagePipeline, timesteps: int, per_timestep: int, seed: int) -> list[float]:
+    """The model's E‖ε_θ(x_t, t, y)‖²/d table on the train split (``schedulers.analytic``, Bao et al. 2022 eq. 8)."""
+    images, labels = load_dataset("mnist", image_size=pipeline.sample_shape[-1], split="train").tensors()
+    config = pipeline.scheduler.config
+    return estimate_eps_second_moment(pipeline.unet, VPSchedule.from_config(config), images, config.prediction_type,
+                                      labels, timesteps, per_timestep, torch.Generator().manual_seed(seed))
+
+
+def benchmarked_spec(name: str) -> schedulers.SamplerSpec:
+    """The registry entry ``name``, if this benchmark can run it: a VP sampler at a fixed step count that needs no
+    fitted value but the E‖ε_θ‖²/d table, which the benchmark estimates."""
+    spec = schedulers.get_sampler(name)
+    if spec.adaptive or not spec.drives("vp") or set(spec.requires) - {"eps_second_moment"}:
+        raise ValueError(f"sampler {name!r} does not fit this benchmark: it must drive a VP model at a fixed step "
+                         f"count and need no fitted value other than eps_second_moment")
+    return spec
+
+
+def make_scheduler(spec: schedulers.SamplerSpec, model_config, table: list[float] | None):
+    """The sampler for the model, with the estimated table where it requires one."""
+    return spec.create(model_config, **({"eps_second_moment": table} if spec.requires else {}))
+
+
+def sample_and_score(pipeline, judge, heldout, labels, steps: int, seed: int) -> dict:
+    started = time.perf_counter()
+    images = generate(pipeline, labels, 1.0, steps, seed)
+    return {"feature_fid": feature_fid(judge, images, heldout), "accuracy": judge_accuracy(judge, images, labels),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run(args, out: Path) -> dict:
+    pipeline = DiffusionImagePipeline.from_pretrained(args.model)
+    pipeline.set_progress_bar_config(disable=True)
+    model_config = pipeline.scheduler.config
+    judge = load_judge(args.judge)
+    heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
+    labels = torch.arange(pipeline.num_classes).repeat_interleave(args.samples // pipeline.num_classes)
+    results = {"benchmark": "quality_vs_nfe", "machine": platform.platform(), "processor": platform.processor(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "model": str(args.model),
+               "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0, "nfe_targets": args.nfe,
+               "samplers": args.samplers, "note": BIAS_NOTE, "real_fid_floor": real_fid_floor(judge),
+               "reference": None, "analytic_table": None, "rows": []}
+
+    table = None
+    if any(schedulers.get_sampler(name).requires for name in args.samplers):
+        timesteps, per_timestep = QUICK_ANALYTIC_TABLE if args.quick else ANALYTIC_TABLE
+        started = time.perf_counter()
+        table = analytic_table(pipeline, timesteps, per_timestep, args.seed)
+        results["analytic_table"] = {"measured_timesteps": timesteps, "images_per_timestep": per_timestep,
+                                     "split": "train", "seconds": round(time.perf_counter() - started, 1),
+                                     "first": table[0], "last": table[-1]}
+        print(f"E‖ε‖²/d table: {table[0]:.3f} (t=0) … {table[-1]:.3f} (t=T−1), "
+              f"{results['analytic_table']['seconds']:.0f} s", flush=True)
+
+    pipeline.scheduler = schedulers.get_sampler(REFERENCE_SAMPLER).create(model_config)
+    results["reference"] = {"sampler": REFERENCE_SAMPLER, "steps": args.reference_steps, "nfe": args.reference_steps,
+                            **sample_and_score(pipeline, judge, heldout, labels, args.reference_steps, args.seed)}
+    print(f"reference {REFERENCE_SAMPLER} {args.reference_steps} steps: feature-FID "
+          f"{results['reference']['feature_fid']:.2f} ({results['reference']['seconds']:.0f} s)", flush=True)
+    write(results, out)
+
+    for name in args.samplers:
+        spec = benchmarked_spec(name)
+        scheduler = pipeline.scheduler = make_scheduler(spec, model_config, table)
+        for target in args.nfe:
+            steps, nfe = steps_for(scheduler, target, spec.nfe_per_step)
+            row = {"sampler": name, "family": spec.family, "stochastic": spec.stochastic, "nfe_target": target,
+                   "steps": steps, "nfe": nfe, **sample_and_score(pipeline, judge, heldout, labels, steps, args.seed)}
+            results["rows"].append(row)
+            print(f"{name:>20s} NFE {nfe:3d} ({steps:3d} steps)  feature-FID {row['feature_fid']:7.2f}  "
+                  f"accuracy {row['accuracy']:.1%}  ({row['seconds']:.0f} s)", flush=True)
+            write(results, out)
+    return results
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=1) + "\n")
+    temporary.replace(out)
+
+
+def markdown(results: dict) -> str:
+    """A table with one row per sampler and one column per NFE target (feature-FID, the NFE spent where it is
+    below the target), the reference and the floor beneath, and the plot."""
+    targets = results["nfe_targets"]
+    lines = [f"{results['samples']} samples ({results['samples'] // 10} per digit), seed {results['seed']}, "
+             f"guidance 1; feature-FID against the 500 held-out digits (lower is better). {results['note']}.", "",
+             "| sampler | family | " + " | ".join(f"NFE {t}" for t in targets) + " |",
+             "|---|---|" + "---|" * len(targets)]
+    for name in results["samplers"]:
+        rows = {r["nfe_target"]: r for r in results["rows"] if r["sampler"] == name}
+        if not rows:
+            continue
+        family = next(iter(rows.values()))["family"]
+        cells = [_fid_cell(rows.get(t)) for t in targets]
+        lines.append(f"| `{name}` | {family} | " + " | ".join(cells) + " |")
+    reference = results["reference"]
+    if reference:
+        lines.append(f"| **reference**: `{reference['sampler']}`, {reference['steps']} steps (NFE {reference['nfe']}) "
+                     f"| ancestral | {reference['feature_fid']:.2f} |" + " |" * (len(targets) - 1))
+    lines.append(f"| real held-out halves (floor) | — | {results['real_fid_floor']:.2f} |" + " |" * (len(targets) - 1))
+    if results.get("analytic_table"):
+        table = results["analytic_table"]
+        lines += ["", f"`analytic-ddpm` uses an E‖ε_θ‖²/d table estimated in the run ({table['measured_timesteps']} "
+                  f"timesteps × {table['images_per_timestep']} {table['split']} images, {table['seconds']:.0f} s)."]
+    lines += ["", "![feature-FID against NFE](../bench/results/quality_vs_nfe.png)"]
+    return "\n".join(lines)
+
+
+def _fid_cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    spent = "" if row["nfe"] == row["nfe_target"] else f" (NFE {row['nfe']})"
+    return f"{row['feature_fid']:.2f}{spent}"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 4.8))
+    for name in results["samplers"]:
+        rows = [r for r in results["rows"] if r["sampler"] == name]
+        if rows:
+            axis.plot([r["nfe"] for r in rows], [r["feature_fid"] for r in rows], marker="o",
+                      linestyle="--" if rows[0]["stochastic"] else "-", label=name)
+    reference = results["reference"]
+    if reference:
+        axis.axhline(reference["feature_fid"], color="black", linewidth=1,
+                     label=f"{reference['sampler']} {reference['steps']} steps (reference)")
+    axis.axhline(results["real_fid_floor"], color="grey", linestyle=":", label="real vs real (floor)")
+    axis.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)",
+             ylabel="feature-FID vs held-out digits",
+             title=f"checkpoints/mnist-vp, {results['samples']} samples per point (stochastic: dashed)")
+    axis.set_xticks(results["nfe_targets"], [str(t) for t in results["nfe_targets"]])
+    axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python bench/quality_vs_nfe.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "checkpoints/mnist-vp")
+    parser.add_argument("--judge", type=Path, default=ROOT / DEFAULT_JUDGE_PATH)
+    parser.add_argument("--samples", type=int, default=200, help="samples per point, equal per digit")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="NFE targets")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="registered sampler names")
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help="steps of the DDPM reference")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(
+        f"{key.replace('_', '-')} {value}" for key, value in QUICK.items()))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default bench/results/quality_vs_nfe.json, -quick.json with --quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    if args.samples < 20 or args.samples % 10:
+        parser.error("--samples must be a multiple of 10 (equal per digit), at least 20")
+    if min(args.nfe) < 1:
+        parser.error("--nfe targets must be positive")
+    for name in args.samplers:
+        try:
+            benchmarked_spec(name)
+        except ValueError as error:
+            parser.error(str(error))
+    out = args.out or RESULTS / ("quality_vs_nfe-quick.json" if args.quick else "quality_vs_nfe.json")
+    diffusers_logging.disable_progress_bar()
+
+    results = run(args, out)
+    print()
+    print(markdown(results))
+    plot(results, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png').name}")
+
+
+if __name__ == "__main__":
+    main()
