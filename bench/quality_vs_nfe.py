@@ -50,8 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import schedulers  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
-from schedulers.analytic import estimate_eps_second_moment  # noqa: E402
-from schedulers.process import VPSchedule  # noqa: E402
+from schedulers.analytic import pipeline_eps_second_moment  # noqa: E402
 from train.data import load_dataset  # noqa: E402
 from train.evaluate_model import generate  # noqa: E402
 
@@ -87,14 +86,6 @@ def steps_for(scheduler, target_nfe: int, nfe_per_step: int) -> tuple[int, int]:
         raise ValueError(f"{type(scheduler).__name__} spends {nfe} evaluations on its shortest run, "
                          f"more than the target {target_nfe}")
     return steps, nfe
-
-
-def analytic_table(pipeline: DiffusionImagePipeline, timesteps: int, per_timestep: int, seed: int) -> list[float]:
-    """The model's E‖ε_θ(x_t, t, y)‖²/d table on the train split (``schedulers.analytic``, Bao et al. 2022 eq. 8)."""
-    images, labels = load_dataset("mnist", image_size=pipeline.sample_shape[-1], split="train").tensors()
-    config = pipeline.scheduler.config
-    return estimate_eps_second_moment(pipeline.unet, VPSchedule.from_config(config), images, config.prediction_type,
-                                      labels, timesteps, per_timestep, torch.Generator().manual_seed(seed))
 
 
 def benchmarked_spec(name: str) -> schedulers.SamplerSpec:
@@ -136,7 +127,7 @@ def run(args, out: Path) -> dict:
     if any(schedulers.get_sampler(name).requires for name in args.samplers):
         timesteps, per_timestep = QUICK_ANALYTIC_TABLE if args.quick else ANALYTIC_TABLE
         started = time.perf_counter()
-        table = analytic_table(pipeline, timesteps, per_timestep, args.seed)
+        table = pipeline_eps_second_moment(pipeline, "mnist", timesteps, per_timestep, args.seed)
         results["analytic_table"] = {"measured_timesteps": timesteps, "images_per_timestep": per_timestep,
                                      "split": "train", "seconds": round(time.perf_counter() - started, 1),
                                      "first": table[0], "last": table[-1]}

@@ -65,10 +65,23 @@ def estimate_eps_second_moment(model, schedule: VPSchedule, images: torch.Tensor
     return np.interp(np.arange(T), measured_at, values).tolist()
 
 
+def pipeline_eps_second_moment(pipe, dataset: str | None = None, num_timesteps: int = 100, batch_size: int = 160,
+                               seed: int = 0) -> list[float]:
+    """``estimate_eps_second_moment`` for a ``DiffusionImagePipeline`` over the train split of ``dataset`` (default:
+    the one its model was trained on), with the images' labels for a class-conditional model."""
+    from train.data import load_dataset
+
+    data = load_dataset(dataset or pipe.config.model_info["dataset"], image_size=pipe.sample_shape[-1], split="train")
+    images, labels = data.tensors()
+    config = pipe.scheduler.config
+    return estimate_eps_second_moment(pipe.unet, VPSchedule.from_config(config), images, config.prediction_type,
+                                      labels if pipe.null_class_id is not None else None, num_timesteps, batch_size,
+                                      torch.Generator().manual_seed(seed))
+
+
 def main(argv=None):
     """Estimate the E‖ε_θ‖²/d table of a shipped pipeline and save an Analytic-DPM scheduler beside it."""
     from pipelines import DiffusionImagePipeline
-    from train.data import load_dataset
 
     from .ddim import DDIMScheduler
 
@@ -81,13 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     pipe = DiffusionImagePipeline.from_pretrained(args.model)
-    info = pipe.config.model_info
-    data = load_dataset(args.dataset or info["dataset"], image_size=pipe.sample_shape[-1], split="train")
-    images, labels = data.tensors()
-    table = estimate_eps_second_moment(pipe.unet, VPSchedule.from_config(pipe.scheduler.config), images,
-                                       pipe.scheduler.config.prediction_type,
-                                       labels if pipe.null_class_id is not None else None, args.timesteps,
-                                       args.batch_size, torch.Generator().manual_seed(args.seed))
+    table = pipeline_eps_second_moment(pipe, args.dataset, args.timesteps, args.batch_size, args.seed)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, eps_second_moment=table)
     scheduler.save_pretrained(f"{args.model}/scheduler_analytic")
     print(f"saved {args.model}/scheduler_analytic; E‖ε‖²/d from {table[0]:.3f} (t=0) to {table[-1]:.3f} (t=T−1)")
