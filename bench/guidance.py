@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine_info, write_results  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
 from models.classifier import NoisyClassifier  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
@@ -61,7 +61,7 @@ def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales:
                   f"feature-FID {rows[-1]['feature_fid']:.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     return {"model": str(model_dir), "classifier": str(classifier_dir), "samples": samples, "steps": steps,
             "seed": seed, "sampler": type(pipeline.scheduler).__name__, "real_fid_floor": real_fid_floor(judge),
-            "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+            **machine_info(),
             "rows": rows}
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run(args.model, args.classifier, args.samples, args.steps, args.scales, args.seed, args.modes)
     print("\n" + markdown(results))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(RESULTS / f"{args.name}.json", results)
     plot(results, RESULTS / f"{args.name}.png")
     print(f"wrote {RESULTS / (args.name + '.json')} and {args.name}.png")
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, judge_features, load_judge  # noqa: E402
 from evaluation.metrics import class_coverage, judge_predictions, precision_recall  # noqa: E402
 from train.data import load_dataset  # noqa: E402
@@ -126,11 +125,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['model']:28s} {r['nfe']:4d} {r['fid']:7.2f} {r['accuracy']:6.1%} {r['coverage']:6.0%} "
               f"{r['entropy_bits']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['seconds_per_image']:8.4f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "models", "machine": platform.platform(), "processor": platform.processor(),
-              "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "torch": torch.__version__, "samples": args.samples, "seed": args.seed, "rows": rows}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = {"benchmark": "models", **machine_info(), "samples": args.samples, "seed": args.seed, "rows": rows}
+    write_results(args.out, result)
     plot(rows, args.out.with_suffix(".png"), args.samples)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -36,8 +36,6 @@ about samples × (ΣNFE + 1000) UNet evaluations: 50 CPU-minutes at 200 samples 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers.analytic import pipeline_eps_second_moment  # noqa: E402
@@ -117,8 +116,7 @@ def run(args, out: Path) -> dict:
     judge = load_judge(args.judge)
     heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
     labels = torch.arange(pipeline.num_classes).repeat_interleave(args.samples // pipeline.num_classes)
-    results = {"benchmark": "quality_vs_nfe", "machine": platform.platform(), "processor": platform.processor(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "model": str(args.model),
+    results = {"benchmark": "quality_vs_nfe", **machine_info(), "model": str(args.model),
                "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0, "nfe_targets": args.nfe,
                "samplers": args.samplers, "note": BIAS_NOTE, "real_fid_floor": real_fid_floor(judge),
                "reference": None, "analytic_table": None, "rows": []}
@@ -139,7 +137,7 @@ def run(args, out: Path) -> dict:
                             **sample_and_score(pipeline, judge, heldout, labels, args.reference_steps, args.seed)}
     print(f"reference {REFERENCE_SAMPLER} {args.reference_steps} steps: feature-FID "
           f"{results['reference']['feature_fid']:.2f} ({results['reference']['seconds']:.0f} s)", flush=True)
-    write(results, out)
+    write_results(out, results)
 
     for name in args.samplers:
         spec = benchmarked_spec(name)
@@ -151,15 +149,8 @@ def run(args, out: Path) -> dict:
             results["rows"].append(row)
             print(f"{name:>20s} NFE {nfe:3d} ({steps:3d} steps)  feature-FID {row['feature_fid']:7.2f}  "
                   f"accuracy {row['accuracy']:.1%}  ({row['seconds']:.0f} s)", flush=True)
-            write(results, out)
+            write_results(out, results)
     return results
-
-
-def write(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=1) + "\n")
-    temporary.replace(out)
 
 
 def markdown(results: dict) -> str:

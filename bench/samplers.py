@@ -37,7 +37,6 @@ import argparse
 import itertools
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 from evaluation.distances import nll_gap, sliced_wasserstein  # noqa: E402
 from evaluation.exact import ExactScoreModel, GaussianMixture  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
@@ -323,13 +323,12 @@ def main(argv=None):
             rms = f"{row['rms_ode']:8.4f}" if row["rms_ode"] is not None else f"{'—':>8s}"
             print(f"{label:42s} {nfe:4d} {row['sw2_gap']:8.4f} {row['nll_gap']:9.2f} {rms} {seconds:6.2f}")
 
-    result = {"benchmark": "samplers", "machine": platform.platform(), "processor": platform.processor(),
-              "torch": torch.__version__, "diffusers": diffusers.__version__, "samples": n, "sw2_floor": scene.floor,
+    result = {"benchmark": "samplers", **machine_info(), "samples": n, "sw2_floor": scene.floor,
               "exact_ode": {"sw2_gap": exact_sw2, "nll_gap": exact_nll},
               "mixture": f"1x8x8, 8 components, rank 2, mode_var 0.1, iso_var 1e-3, seed {BENCHMARK_SEED}",
               "rows": rows}
     name = "samplers-quick" if args.quick else "samplers" if n == parser.get_default("samples") else f"samplers-n{n}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_results(RESULTS / f"{name}.json", result)
     summarize(rows)
     plot(rows, RESULTS / f"{name}.png")
     print(f"wrote {RESULTS / name}.json and .png")

@@ -34,16 +34,13 @@ prints the table and writes bench/results/sampling_speed.json with the machine a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 
-import diffusers
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 from diffusers import DDIMScheduler as DiffusersDDIM
@@ -53,6 +50,7 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import check_positive, machine_info, write_results  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers import DDPMScheduler  # noqa: E402
 
@@ -175,9 +173,7 @@ def run(model_dir: Path, batch_size: int, steps: int, repeats: int) -> dict:
             "max_abs_difference_to_bare": (float((images[name] - images[BARE]).abs().max())
                                            if "DDPM" not in name else None),
         })
-    return {"benchmark": "sampling_speed", "machine": platform.platform(), "processor": platform.processor(),
-            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
+    return {"benchmark": "sampling_speed", **machine_info(),
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
             "note": "rows interleaved (rotated order); ratios are medians over rounds of same-round CPU-time "
                     "ratios; the machine may run other jobs: see load averages",
@@ -220,15 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (after one warm-up round)")
     parser.add_argument("--out", type=Path, default=RESULTS / "sampling_speed.json")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_positive(parser, args, ("batch_size", "steps", "repeats"))
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()  # our schedulers' extra config keys, unknown to diffusers' own
     results = run(args.model, args.batch_size, args.steps, args.repeats)
     print(markdown(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -37,16 +37,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -57,6 +54,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train.diffusion as trainer  # noqa: E402
+from bench.common import check_positive, machine_info, write_results  # noqa: E402
 from models.unet import UNET_CONFIGS, build_unet  # noqa: E402
 from train.data import load_dataset  # noqa: E402
 
@@ -163,9 +161,7 @@ def run(model: str, batch_size: int, steps: int, warmup_steps: int, repeats: int
                      "ratio_to_minimal_ema": ratio(name, 0), "wall_ratio_to_minimal_ema": ratio(name, 1),
                      "run_cpu_medians": run_medians(name, 0), "run_wall_medians": run_medians(name, 1),
                      "logging_cpu_seconds_median": median(logging) if name == "ours" else None})
-    return {"benchmark": "training_speed", "machine": platform.platform(), "processor": platform.processor(),
-            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
+    return {"benchmark": "training_speed", **machine_info(),
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
             "note": "rows interleaved (rotated order); ratios are medians over rounds of same-round ratios; the "
                     "machine may run other jobs: see load averages",
@@ -207,14 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", type=Path, default=RESULTS / "training_speed.json")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "warmup_steps", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_positive(parser, args, ("batch_size", "steps", "warmup_steps", "repeats"))
     results = run(args.model, args.batch_size, args.steps, args.warmup_steps, args.repeats)
     print()
     print(markdown(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

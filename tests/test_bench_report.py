@@ -21,7 +21,7 @@ def _load_report():
 
 
 report = _load_report()
-SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("*.py") if path.stem != "report")
+SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("*.py") if path.stem not in ("report", "common"))
 WITH_RESULTS = [benchmark for benchmark in report.available() if benchmark.results.is_file()]
 
 

@@ -1,0 +1,36 @@
+"""What every benchmark records and how it saves it: the machine a run used, and its results file.
+
+Not a benchmark itself (``bench/report.py`` lists the benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import diffusers
+import torch
+
+
+def machine_info() -> dict:
+    """The fields that say where a result comes from, for the top level of a results file."""
+    return {"machine": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Write ``results`` as JSON to ``path`` atomically, so a run cut off mid-write leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=1) + "\n")
+    temporary.replace(path)
+
+
+def check_positive(parser, args, names: tuple[str, ...]) -> None:
+    """``parser.error`` naming the first of the integer options ``names`` that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
