@@ -31,10 +31,10 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_info, write_results  # noqa: E402
+from data import load_dataset  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
 from models.classifier import NoisyClassifier  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
-from train.data import load_dataset  # noqa: E402
 from train.evaluate_model import generate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
 from bench.common import machine_info, write_results  # noqa: E402
+from data import load_dataset  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, judge_features, load_judge  # noqa: E402
 from evaluation.metrics import class_coverage, judge_predictions, precision_recall  # noqa: E402
-from train.data import load_dataset  # noqa: E402
 from train.evaluate_model import generate as diffusion_samples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

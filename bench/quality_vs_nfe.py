@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
 from bench.common import machine_info, write_results  # noqa: E402
+from data import load_dataset  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers.analytic import pipeline_eps_second_moment  # noqa: E402
-from train.data import load_dataset  # noqa: E402
 from train.evaluate_model import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

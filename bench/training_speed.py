@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train.diffusion as trainer  # noqa: E402
 from bench.common import check_positive, machine_info, write_results  # noqa: E402
+from data import load_dataset  # noqa: E402
 from models.unet import UNET_CONFIGS, build_unet  # noqa: E402
-from train.data import load_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "minimal + EMA"

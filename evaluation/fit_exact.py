@@ -11,10 +11,10 @@ import argparse
 import shlex
 import sys
 
+from data import load_dataset
 from evaluation.exact import ExactScoreModel, GaussianMixture
 from pipelines import DiffusionImagePipeline
 from schedulers import DDIMScheduler
-from train.data import load_dataset
 
 
 def main(argv=None):

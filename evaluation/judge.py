@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from data import load_dataset
 from models.judge import MNISTJudge
-from train.data import load_dataset
 
 DEFAULT_JUDGE_PATH = "checkpoints/mnist-judge"
 BATCH_SIZE = 256

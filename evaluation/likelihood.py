@@ -127,8 +127,8 @@ def model_bits_per_dim(model_dir: str, samples: int, batch_size: int = 16, class
                        rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0) -> dict:
     """Bits/dim of a shipped pipeline on ``samples`` of its dataset's held-out images (Hutchinson trace,
     one Rademacher probe per image): the mean, its standard error over images, and the NFE per batch."""
+    from data import load_dataset
     from pipelines import DiffusionImagePipeline
-    from train.data import load_dataset
 
     if samples < 2 or batch_size < 1:
         raise ValueError(f"need samples ≥ 2 (for a standard error) and batch_size ≥ 1, got {samples}, {batch_size}")

@@ -307,7 +307,7 @@ def compute_metrics(images: torch.Tensor | None, reference: torch.Tensor | None 
     if metrics != ["bits_per_dim"]:
         _check_images("images", images)
         if reference is None:
-            from train.data import load_dataset
+            from data import load_dataset
 
             reference, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
         _check_images("reference", reference)

@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from train.data import check_image_size
+from data import check_image_size
 
 BASE_SIZE = 4  # the generator's first feature map and the critic's last are 4×4
 LEAKY_SLOPE = 0.2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
-from train.data import check_image_size
+from data import check_image_size
 
 UNET_CONFIGS: dict[str, dict] = {
     # for tests: ~111k parameters, three levels (factor 4), attention at 16×16.

@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from train.data import check_image_size
+from data import check_image_size
 
 LEVELS = 256
 HALF_BIN = 1.0 / (LEVELS - 1)  # half the width 2/255 of one 8-bit level on [-1, 1]

@@ -17,22 +17,19 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-# from_pretrained resolves the networks through these modules (the components are stored by module path).
-import models.gan  # noqa: F401
-import models.vae  # noqa: F401
 from models.vae import discretized_logistic_log_likelihood
 
 from .diffusion import OUTPUT_TYPES, GenerationOutput
+from .loading import ComponentImportingPipeline
 
 MAX_BATCH = 10_000
 OGAN_RECONSTRUCTION_SCALE = 0.9  # Su's O-GAN code shrinks the standardized code before decoding it
 
 
-class _OnePassPipeline(DiffusionPipeline):
+class _OnePassPipeline(ComponentImportingPipeline):
     """What the GAN and VAE pipelines share: classes, argument checks, output conversion."""
 
     network_name: str  # the component whose config holds image_size, channels and num_classes

@@ -21,19 +21,15 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-# from_pretrained resolves the project's components (schedulers, the exact model) through imported modules.
-import evaluation.exact  # noqa: F401, E402
-import models.classifier  # noqa: F401, E402
-import schedulers  # noqa: F401, E402
 from schedulers.model_adapters import make_model_adapter
 from schedulers.process import PREDICTION_TYPES, VPSchedule
 
 from .guidance import CLASSIFIER_MODES, Guidance, classifier_guided_output
+from .loading import ComponentImportingPipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "raw")
 MAX_STEPS = 10_000
@@ -56,7 +52,7 @@ class GenerationOutput(BaseOutput):
     nfe: int
 
 
-class DiffusionImagePipeline(DiffusionPipeline):
+class DiffusionImagePipeline(ComponentImportingPipeline):
     """Sample images from a ``UNet2DModel``-like model with any diffusers-compatible scheduler.
 
     ``model_info`` records how the model was trained (forward process, prediction type, dataset, classes,

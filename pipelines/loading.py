@@ -4,12 +4,20 @@
 package exports under its ``_class_name`` (so a new pipeline family is loadable as soon as the package exports
 it), and loads it with ``use_safetensors=True``. Nothing is ever unpickled: a directory holding a pickled weight
 file (``.bin``, ``.pt``, ``.ckpt``, …) is refused with a message naming the file, and components may only come
-from the libraries in ``COMPONENT_LIBRARIES`` (``model_index.json`` names a module for each component, which
-``from_pretrained`` imports).
+from the libraries in ``COMPONENT_LIBRARIES``.
+
+Component registration. ``save_pretrained`` stores a component defined outside diffusers under its module path
+(``["evaluation.exact", "ExactScoreModel"]``), and diffusers' ``from_pretrained`` resolves such a module only
+from ``sys.modules``: it never imports a module a repository names, since importing runs its code. Every
+pipeline here derives from ``ComponentImportingPipeline``, whose ``from_pretrained`` first imports the modules
+``model_index.json`` names, from ``COMPONENT_LIBRARIES`` only. So no pipeline module imports the packages of the
+components it may hold (the exact-score model, the classifier, a scheduler), and this tuple is the one place
+that names them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -21,6 +29,31 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib",
 COMPONENT_LIBRARIES = ("diffusers", "transformers", "schedulers", "evaluation", "models", "pipelines")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt"]  # what a hub download fetches: never pickles
+
+
+def component_modules(index: dict) -> list[str]:
+    """The modules the components of ``model_index.json`` (``index``) come from; ValueError for a library outside
+    ``COMPONENT_LIBRARIES``. Unset components (``[null, null]``) name none."""
+    modules = []
+    for name, value in index.items():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            if value[0].split(".")[0] not in COMPONENT_LIBRARIES:
+                raise ValueError(f"component {name!r} comes from {value[0]!r}; only "
+                                 f"{', '.join(COMPONENT_LIBRARIES)} are allowed")
+            modules.append(value[0])
+    return modules
+
+
+class ComponentImportingPipeline(DiffusionPipeline):
+    """A ``DiffusionPipeline`` whose ``from_pretrained`` imports its components' modules (see the module's
+    docstring), so that loading needs no import by the caller."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        index = cls.load_config(pretrained_model_name_or_path, **kwargs)  # keeps the hub and subfolder options
+        for module in component_modules(index):
+            importlib.import_module(module)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 def pipeline_classes() -> dict[str, type[DiffusionPipeline]]:
@@ -50,12 +83,10 @@ def check_pipeline_dir(path: str | Path) -> tuple[type[DiffusionPipeline], dict]
     if cls is None:
         raise ValueError(f"{path}: unknown pipeline class {index['_class_name']!r}; this project loads "
                          f"{', '.join(sorted(classes))}")
-    for name, value in index.items():
-        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-            library = value[0].split(".")[0]
-            if library not in COMPONENT_LIBRARIES:
-                raise ValueError(f"{path}: component {name!r} comes from {value[0]!r}; only "
-                                 f"{', '.join(COMPONENT_LIBRARIES)} are allowed")
+    try:
+        component_modules(index)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     pickled = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{path}: refusing {pickled[0].relative_to(path)}: weights must be .safetensors "

@@ -69,7 +69,7 @@ def pipeline_eps_second_moment(pipe, dataset: str | None = None, num_timesteps: 
                                seed: int = 0) -> list[float]:
     """``estimate_eps_second_moment`` for a ``DiffusionImagePipeline`` over the train split of ``dataset`` (default:
     the one its model was trained on), with the images' labels for a class-conditional model."""
-    from train.data import load_dataset
+    from data import load_dataset
 
     data = load_dataset(dataset or pipe.config.model_info["dataset"], image_size=pipe.sample_shape[-1], split="train")
     images, labels = data.tensors()

@@ -11,12 +11,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 import pipelines
+from data import load_dataset
 from evaluation.judge import judge_accuracy, load_judge
 from evaluation.metrics import class_coverage, judge_predictions, precision_recall
 from models.gan import Critic, Generator
 from models.vae import ConvVAE, HierarchicalVAE
 from pipelines import GANPipeline, VAEPipeline
-from train.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = dict(image_size=16, num_classes=3)

@@ -2,9 +2,9 @@
 
 import torch
 
+from data import load_dataset
 from models.classifier import NoisyClassifier
 from train.classifier import accuracy_per_noise_level, noised
-from train.data import load_dataset
 
 
 def test_noisy_classifier_round_trips_through_safetensors(tmp_path):

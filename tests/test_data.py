@@ -1,10 +1,10 @@
-"""train.data: the MNIST split, folder and hf datasets, and the errors bad specs get."""
+"""data: the MNIST split, folder and hf datasets, and the errors bad specs get."""
 
 import pytest
 import torch
 from PIL import Image
 
-from train.data import check_image_size, load_dataset, mnist_split_indices
+from data import check_image_size, load_dataset, mnist_split_indices
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import load_dataset
 from evaluation.judge import feature_fid, judge_accuracy, judge_features, load_judge, real_fid_floor
 from models.judge import MNISTJudge
-from train.data import load_dataset
 
 SHIPPED_JUDGE = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist-judge"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import load_dataset
 from evaluation.judge import feature_fid, judge_accuracy, load_judge
 from evaluation.metrics import (
     DEFAULT_METRICS,
@@ -15,7 +16,6 @@ from evaluation.metrics import (
     kernel_distance,
     precision_recall,
 )
-from train.data import load_dataset
 
 from .conftest import seeded
 

@@ -1,1 +1,1 @@
-"""Training: the datasets models learn from, and the scripts that train them."""
+"""Training: the scripts that train the models (`python -m train.NAME`, on accelerate)."""

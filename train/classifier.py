@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from data import load_dataset
 from models.classifier import NoisyClassifier
 from schedulers.process import expand_to
-from train.data import load_dataset
 from train.judge import MAX_SHIFT, hardware_description, random_shift
 
 REPORT_TIMESTEPS = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)

@@ -52,6 +52,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from data import ImageDataset, load_dataset
 from models.unet import UNET_CONFIGS, build_unet
 from pipelines import DiffusionImagePipeline
 from train.checkpointing import (
@@ -62,7 +63,6 @@ from train.checkpointing import (
     read_training_state,
     save_checkpoint,
 )
-from train.data import ImageDataset, load_dataset
 from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, accepted_options, make_objective
 from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative, run_main
 

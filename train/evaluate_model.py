@@ -24,9 +24,9 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
+from data import load_dataset
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor
 from pipelines import DiffusionImagePipeline
-from train.data import load_dataset
 from train.diffusion import sample_grid
 
 SAMPLING_BATCH = 250

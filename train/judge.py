@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import load_dataset
 from evaluation.judge import DEFAULT_JUDGE_PATH, judge_accuracy
 from models.judge import JUDGE_IMAGE_SIZE, MNISTJudge
-from train.data import load_dataset
 
 MAX_SHIFT = 2
 MAX_NOISE = 0.5

@@ -28,9 +28,9 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from data import load_dataset
 from models.vae import ConvVAE, HierarchicalVAE, discretized_logistic_log_likelihood
 from pipelines import VAEPipeline
-from train.data import load_dataset
 from train.loop import BaselineRun, preview_grid
 from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative, run_main
 

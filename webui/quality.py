@@ -28,8 +28,8 @@ def judge_fits(pipe) -> bool:
 
 @lru_cache(maxsize=1)
 def judge_and_heldout():
+    from data import load_dataset
     from evaluation.judge import load_judge
-    from train.data import load_dataset
 
     images, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
     return load_judge(JUDGE_DIR), images

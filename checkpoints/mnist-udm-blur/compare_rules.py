@@ -18,9 +18,9 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 import schedulers
+from data import load_dataset
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge
 from pipelines import DiffusionImagePipeline
-from train.data import load_dataset
 from train.diffusion import sample_grid
 from train.evaluate_model import generate
 
