@@ -1,14 +1,16 @@
 """Score a class-conditional MNIST diffusion model with the judge: ``python -m train.evaluate_model MODEL_DIR``.
 
-Draws ``--samples`` images (the same number of every digit) with the model's exported scheduler (DDIM, η = 0,
-``--steps`` steps) at each ``--guidance`` scale, and reports
+Draws ``--samples`` images (the same number of every digit; ``evaluation.sampling.sample_images``) with the
+model's exported scheduler (DDIM, η = 0, ``--steps`` steps) at each ``--guidance`` scale, and reports
+(``evaluation.metrics.compute_metrics``)
 
-* the judge's accuracy on the intended digits (``evaluation.judge.judge_accuracy``), per guidance scale;
-* the feature-FID (``evaluation.judge.feature_fid``) of the guidance-1 samples against the 500 real ``heldout``
+* the judge's accuracy on the intended digits, per guidance scale;
+* the feature-FID of the guidance-1 samples against the 500 real ``heldout``
   digits, next to ``real_fid_floor`` (250 real held-out digits against the other 250) and the judge's accuracy
   on those real digits, the two numbers a perfect generator would get.
 
-A ``--grid`` PNG shows one row per digit, ``--grid-columns`` samples each, at the largest guidance scale.
+A ``--grid`` PNG (``evaluation.sampling.image_grid``) shows one row per digit, ``--grid-columns`` samples each, at
+the largest guidance scale.
 ``--json`` writes the numbers. The Fréchet distance is biased upwards by small sample counts, more for the
 floor's 250 vs 250 than for the N vs 500 of the samples, so the floor is a yardstick, not an exact target.
 """
