@@ -25,17 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_info, write_results  # noqa: E402
-from data import load_dataset  # noqa: E402
-from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
+from evaluation.judge import heldout_digits, load_judge, real_fid_floor  # noqa: E402
+from evaluation.metrics import compute_metrics  # noqa: E402
+from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
 from models.classifier import NoisyClassifier  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
-from train.evaluate_model import generate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("classifier-free", "classifier")
@@ -46,17 +45,18 @@ def run(model_dir: Path, classifier_dir: Path, samples: int, steps: int, scales:
     classifier = NoisyClassifier.from_pretrained(classifier_dir).eval()
     pipeline = DiffusionImagePipeline.from_pretrained(model_dir, classifier=classifier)
     pipeline.set_progress_bar_config(disable=True)
-    judge = load_judge(DEFAULT_JUDGE_PATH)
-    heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
-    labels = torch.arange(pipeline.num_classes).repeat_interleave(samples // pipeline.num_classes)
+    judge = load_judge()
+    heldout, _ = heldout_digits()
+    labels = class_balanced_labels(pipeline.num_classes, samples)
     rows = []
     for mode in modes:
         for scale in scales:
             started = time.perf_counter()
-            images = generate(pipeline, labels, scale, steps, seed, guidance_mode=mode)
-            rows.append({"mode": mode, "scale": scale, "accuracy": judge_accuracy(judge, images, labels),
-                         "feature_fid": feature_fid(judge, images, heldout),
-                         "seconds": round(time.perf_counter() - started, 1)})
+            images = sample_images(pipeline, class_labels=labels, seed=seed, num_inference_steps=steps,
+                                   guidance_scale=scale, guidance_mode=mode)
+            scores = compute_metrics(images, heldout, ["accuracy", "feature_fid"], labels=labels, judge=judge)
+            rows.append({"mode": mode, "scale": scale, "accuracy": scores["accuracy"],
+                         "feature_fid": scores["feature_fid"], "seconds": round(time.perf_counter() - started, 1)})
             print(f"{mode:>16} {scale:5.1f}  accuracy {rows[-1]['accuracy']:.1%}  "
                   f"feature-FID {rows[-1]['feature_fid']:.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     return {"model": str(model_dir), "classifier": str(classifier_dir), "samples": samples, "steps": steps,

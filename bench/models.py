@@ -3,7 +3,7 @@
 Every model draws ``--samples`` class-conditional digits (the same number of each digit; seed ``--seed``), and
 the MNIST judge (``checkpoints/mnist-judge``) scores them:
 
-* ``fid``: feature-FID against the 500 real held-out digits (``evaluation.judge.feature_fid``);
+* ``fid``: feature-FID against the 500 real held-out digits (``evaluation.metrics.compute_metrics``' ``feature_fid``);
 * ``accuracy``: the judge's accuracy on the intended digits;
 * ``coverage`` / ``entropy``: fraction of the 10 digits the judge sees at least once, and the entropy of its
   predicted-digit histogram in bits (``evaluation.metrics.class_coverage``; at most log2 10 = 3.32);
@@ -37,15 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
 from bench.common import machine_info, write_results  # noqa: E402
-from data import load_dataset  # noqa: E402
-from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, judge_features, load_judge  # noqa: E402
-from evaluation.metrics import class_coverage, judge_predictions, precision_recall  # noqa: E402
-from train.evaluate_model import generate as diffusion_samples  # noqa: E402
+from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge  # noqa: E402
+from evaluation.metrics import compute_metrics  # noqa: E402
+from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 10
-SAMPLING_BATCH = 250
+METRICS = ("feature_fid", "accuracy", "coverage", "precision_recall")
 
 
 def load(path: Path):
@@ -58,18 +57,11 @@ def load(path: Path):
     return pipe
 
 
-def one_pass_samples(pipe, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """GAN/VAE samples in [-1, 1] for ``labels``, in batches; batch i draws from seed + i."""
-    return torch.cat([pipe(batch_size=len(batch), class_labels=batch, output_type="raw",
-                           generator=torch.Generator().manual_seed(seed + i)).images
-                      for i, batch in enumerate(labels.split(SAMPLING_BATCH))]).clamp(-1, 1)
-
-
-def score(judge, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, real_features: torch.Tensor) -> dict:
-    features = judge_features(judge, images)
-    return {"fid": feature_fid(judge, images, real), "accuracy": judge_accuracy(judge, images, labels),
-            **class_coverage(judge_predictions(judge, images), NUM_CLASSES),
-            **precision_recall(real_features, features)}
+def score(judge, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> dict:
+    """The row's scores of ``images`` against the ``real`` digits."""
+    scores = compute_metrics(images, real, METRICS, labels=labels, judge=judge)
+    return {"fid": scores["feature_fid"], "accuracy": scores["accuracy"],
+            **{key: scores[key] for key in ("coverage", "entropy_bits", "max_entropy_bits", "precision", "recall")}}
 
 
 def main(argv=None):
@@ -90,14 +82,13 @@ def main(argv=None):
     diffusers_logging.disable_progress_bar()
 
     judge = load_judge(args.judge)
-    real, real_labels = load_dataset("mnist", image_size=32, split="heldout").tensors()
-    real_features = judge_features(judge, real)
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.samples // NUM_CLASSES)
+    real, real_labels = heldout_digits()
+    labels = class_balanced_labels(NUM_CLASSES, args.samples)
 
     # the yardstick: half of the held-out digits scored against the other half (25 of each digit per half)
     by_label = real_labels.argsort(stable=True)
     half_a, half_b = by_label[0::2], by_label[1::2]
-    floor = score(judge, real[half_a], real_labels[half_a], real[half_b], real_features[half_b])
+    floor = score(judge, real[half_a], real_labels[half_a], real[half_b])
     rows = [{"model": "real held-out (250 vs 250)", "nfe": 0, "seconds_per_image": 0.0, **floor}]
 
     runs = [("GAN-QP", "gan", args.gan, None, None), ("VAE", "vae", args.vae, None, None)]
@@ -108,14 +99,15 @@ def main(argv=None):
         pipe = load(path)
         started = time.perf_counter()
         if kind == "diffusion":
-            images = diffusion_samples(pipe, labels, guidance, steps, args.seed)
+            images = sample_images(pipe, class_labels=labels, seed=args.seed, num_inference_steps=steps,
+                                   guidance_scale=guidance)
             nfe = steps * (1 if guidance == 1.0 else 2)
         else:
-            images = one_pass_samples(pipe, labels, args.seed)
+            images = sample_images(pipe, class_labels=labels, seed=args.seed)
             nfe = 1
         seconds = (time.perf_counter() - started) / len(labels)
         rows.append({"model": name, "path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-                     "nfe": nfe, "seconds_per_image": seconds, **score(judge, images, labels, real, real_features)})
+                     "nfe": nfe, "seconds_per_image": seconds, **score(judge, images, labels, real)})
 
     header = (f"{'model':28s} {'NFE':>4s} {'FID':>7s} {'acc':>6s} {'cover':>6s} {'entropy':>8s} {'prec':>6s} "
               f"{'recall':>6s} {'s/image':>8s}")

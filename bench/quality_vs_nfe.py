@@ -40,18 +40,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
 from bench.common import machine_info, write_results  # noqa: E402
-from data import load_dataset  # noqa: E402
-from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor  # noqa: E402
+from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge, real_fid_floor  # noqa: E402
+from evaluation.metrics import compute_metrics  # noqa: E402
+from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers.analytic import pipeline_eps_second_moment  # noqa: E402
-from train.evaluate_model import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,8 +103,9 @@ def make_scheduler(spec: schedulers.SamplerSpec, model_config, table: list[float
 
 def sample_and_score(pipeline, judge, heldout, labels, steps: int, seed: int) -> dict:
     started = time.perf_counter()
-    images = generate(pipeline, labels, 1.0, steps, seed)
-    return {"feature_fid": feature_fid(judge, images, heldout), "accuracy": judge_accuracy(judge, images, labels),
+    images = sample_images(pipeline, class_labels=labels, seed=seed, num_inference_steps=steps, guidance_scale=1.0)
+    scores = compute_metrics(images, heldout, ["feature_fid", "accuracy"], labels=labels, judge=judge)
+    return {"feature_fid": scores["feature_fid"], "accuracy": scores["accuracy"],
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -114,8 +114,8 @@ def run(args, out: Path) -> dict:
     pipeline.set_progress_bar_config(disable=True)
     model_config = pipeline.scheduler.config
     judge = load_judge(args.judge)
-    heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
-    labels = torch.arange(pipeline.num_classes).repeat_interleave(args.samples // pipeline.num_classes)
+    heldout, _ = heldout_digits()
+    labels = class_balanced_labels(pipeline.num_classes, args.samples)
     results = {"benchmark": "quality_vs_nfe", **machine_info(), "model": str(args.model),
                "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0, "nfe_targets": args.nfe,
                "samplers": args.samplers, "note": BIAS_NOTE, "real_fid_floor": real_fid_floor(judge),

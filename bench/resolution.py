@@ -80,7 +80,7 @@ def main(argv=None):
 
     pipe = DiffusionImagePipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    judge = load_judge(str(ROOT / "checkpoints" / "mnist-judge"))
+    judge = load_judge()
     lengths = training_lengths(pipe)
     size = pipe.sample_shape[-1]
     labels = torch.arange(pipe.num_classes).repeat_interleave(args.per_class)

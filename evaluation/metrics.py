@@ -27,8 +27,9 @@ Every metric compares N generated images (N×C×H×W in [-1, 1]) with reference 
     (``evaluation.likelihood.model_bits_per_dim``); it scores the model, not ``images``.
 
 The Fréchet and kernel distances on feature vectors are torchmetrics' ``FrechetInceptionDistance`` and
-``KernelInceptionDistance`` with the features handed in directly (``frechet_distance``, ``kernel_distance``), so
-the judge and Inception share one implementation, and tests check it on Gaussians whose distance is known.
+``KernelInceptionDistance`` with the features handed in directly (``evaluation.distances.frechet_distance``,
+``kernel_distance``), so the judge and Inception share one implementation, and tests check it on Gaussians whose
+distance is known.
 
 Inception and its dependencies. torchmetrics computes Inception features only through torch-fidelity (its
 ``NoTrainInceptionV3`` subclasses torch-fidelity's extractor), and torch-fidelity 0.4.0 declares torchvision as a
@@ -51,7 +52,6 @@ import functools
 import importlib.util
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,23 +59,21 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
+from evaluation.distances import KID_SUBSETS, frechet_distance, kernel_distance
 from evaluation.judge import (
     BATCH_SIZE,
     DEFAULT_JUDGE_PATH,
     RANGE_TOLERANCE,
     check_judge_inputs,
+    heldout_digits,
     judge_features,
     load_judge,
 )
+from evaluation.sampling import class_balanced_labels, sample_images
 from models.judge import MNISTJudge
 
 DEFAULT_K = 3  # Kynkäänniemi et al. 2019 use k = 3
-KID_SUBSETS = 100  # Bińkowski et al. 2018 and torch-fidelity: 100 subsets of (at most) 1000 samples
-KID_SUBSET_SIZE = 1000
-KID_DEGREE = 3
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -89,67 +87,7 @@ METRICS = (*JUDGE_METRICS, *INCEPTION_METRICS, "bits_per_dim")
 DEFAULT_METRICS = JUDGE_METRICS
 
 
-# ------------------------------------------------------------------------------------------------ distances
-
-
-class _GivenFeatures(nn.Module):
-    """An identity "feature extractor": torchmetrics' FID and KID then take feature vectors directly."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features  # FID reads the size from here instead of probing with an image
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def _check_feature_pair(features_a: torch.Tensor, features_b: torch.Tensor, minimum: int) -> None:
-    for name, features in (("features_a", features_a), ("features_b", features_b)):
-        if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) < minimum:
-            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"{name} must be an N×D tensor with N ≥ {minimum}, got {shape}")
-        if not torch.isfinite(features).all():
-            raise ValueError(f"{name} holds non-finite values")
-    if features_a.shape[1] != features_b.shape[1]:
-        raise ValueError(f"feature sizes differ: {features_a.shape[1]} vs {features_b.shape[1]}")
-
-
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """d² = ‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between Gaussians fitted to two sets of N×D features
-    (Heusel et al. 2017; Dowson & Landau 1982), in float64 through torchmetrics' ``FrechetInceptionDistance``."""
-    _check_feature_pair(features_a, features_b, minimum=2)
-    metric = FrechetInceptionDistance(feature=_GivenFeatures(features_a.shape[1]))
-    metric.update(features_a.double(), real=True)
-    metric.update(features_b.double(), real=False)
-    # a squared norm; eigenvalue rounding can leave it a hair below zero for identical sets
-    return max(metric.compute().item(), 0.0)
-
-
-def kernel_distance(features_a: torch.Tensor, features_b: torch.Tensor, subsets: int = KID_SUBSETS,
-                    subset_size: int | None = None, degree: int = KID_DEGREE, seed: int = 0) -> tuple[float, float]:
-    """KID (Bińkowski et al. 2018, eq. 4): the unbiased MMD² with kernel k(x, y) = (xᵀy/D + 1)^degree, as (mean,
-    standard deviation) over ``subsets`` random subsets of ``subset_size`` vectors from each set (default:
-    min(1000, N_a, N_b)), through torchmetrics' ``KernelInceptionDistance``; the subsets are drawn from ``seed``.
-    When the subsets are the whole sets there is one estimate, and its standard deviation is 0."""
-    _check_feature_pair(features_a, features_b, minimum=2)
-    largest = min(len(features_a), len(features_b))
-    subset_size = min(KID_SUBSET_SIZE, largest) if subset_size is None else subset_size
-    if not 2 <= subset_size <= largest:
-        raise ValueError(f"subset_size must be in [2, {largest}] (the smaller set's size), got {subset_size}")
-    if subsets < 1 or degree < 1:
-        raise ValueError(f"subsets and degree must be at least 1, got {subsets} and {degree}")
-    if subset_size >= max(len(features_a), len(features_b)):  # every subset is both whole sets: one estimate
-        subsets = 1
-    with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_GivenFeatures(features_a.shape[1]), subsets=subsets,
-                                         subset_size=subset_size, degree=degree)
-    metric.update(features_a.double(), real=True)
-    metric.update(features_b.double(), real=False)
-    with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return mean.item(), std.item()
+# ------------------------------------------------------------------------------------------------ manifolds
 
 
 def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = DEFAULT_K) -> dict:
@@ -271,17 +209,18 @@ def _check_images(name: str, images: torch.Tensor) -> None:
 
 def compute_metrics(images: torch.Tensor | None, reference: torch.Tensor | None = None,
                     metrics: Sequence[str] = DEFAULT_METRICS, *, labels: torch.Tensor | None = None,
-                    judge: MNISTJudge | str | Path = DEFAULT_JUDGE_PATH, inception_weights: str | Path | None = None,
+                    judge: MNISTJudge | str | Path | None = None, inception_weights: str | Path | None = None,
                     model_dir: str | Path | None = None, k: int = DEFAULT_K, kid_subsets: int = KID_SUBSETS,
                     likelihood_samples: int = LIKELIHOOD_SAMPLES, seed: int = 0) -> dict:
     """Score generated ``images`` (N×C×H×W in [-1, 1]; the judge's metrics need 1×32×32) against ``reference``
     images (default: the 500 held-out MNIST digits) with each of ``metrics`` (names in ``METRICS``). ``images``
     may be None when ``bits_per_dim`` is the only metric.
 
-    ``labels``: the intended class of each image (``accuracy`` needs them); ``judge``: a loaded judge or its
-    directory; ``inception_weights``: the Inception-v3 weights file (``inception_*``); ``model_dir``: the pipeline
-    ``bits_per_dim`` scores on ``likelihood_samples`` held-out images of its dataset; ``k``: precision/recall's
-    neighbour; ``seed``: KID's subsets and the likelihood's dequantization and probes.
+    ``labels``: the intended class of each image (``accuracy`` needs them); ``judge``: a loaded judge, its
+    directory, or None for the shipped one (``evaluation.judge.load_judge``); ``inception_weights``: the
+    Inception-v3 weights file (``inception_*``); ``model_dir``: the pipeline ``bits_per_dim`` scores on
+    ``likelihood_samples`` held-out images of its dataset; ``k``: precision/recall's neighbour; ``seed``: KID's
+    subsets and the likelihood's dequantization and probes.
 
     Returns a flat dict: ``samples``, ``reference_samples`` and, per metric, ``feature_fid``; ``feature_kid``,
     ``feature_kid_std``; ``inception_fid``; ``inception_kid``, ``inception_kid_std``; ``accuracy``; ``coverage``,
@@ -307,14 +246,12 @@ def compute_metrics(images: torch.Tensor | None, reference: torch.Tensor | None 
     if metrics != ["bits_per_dim"]:
         _check_images("images", images)
         if reference is None:
-            from data import load_dataset
-
-            reference, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
+            reference, _ = heldout_digits()
         _check_images("reference", reference)
         results.update(samples=len(images), reference_samples=len(reference))
 
     if any(name in JUDGE_METRICS for name in metrics):
-        judge = load_judge(judge) if isinstance(judge, (str, Path)) else judge
+        judge = judge if isinstance(judge, MNISTJudge) else load_judge(judge)
         fake = judge_features(judge, images)  # the judge runs once per image set: its logits come from these
         if {"feature_fid", "feature_kid", "precision_recall"} & set(metrics):
             real = judge_features(judge, reference).double()
@@ -328,7 +265,7 @@ def compute_metrics(images: torch.Tensor | None, reference: torch.Tensor | None 
         with torch.no_grad():
             predictions = judge.classifier(fake).argmax(dim=1).cpu()
         if "accuracy" in metrics:
-            results["accuracy"] = (predictions == labels).double().mean().item()
+            results["accuracy"] = (predictions == labels).float().mean().item()  # float32, as judge_accuracy
         if "coverage" in metrics:
             results.update(class_coverage(predictions, judge.config.num_classes))
     if any(name in INCEPTION_METRICS for name in metrics):
@@ -366,21 +303,16 @@ def load_images(source: Path, samples: int, steps: int, guidance: float, seed: i
         return images.float(), labels
     from pipelines import DiffusionImagePipeline
     from pipelines.loading import load_pipeline
-    from train.evaluate_model import generate
 
     pipeline = load_pipeline(source)
     if not isinstance(pipeline, DiffusionImagePipeline):
         raise ValueError(f"{source} holds a {type(pipeline).__name__}; sample it into an .npz to score it")
     pipeline.set_progress_bar_config(disable=True)
-    classes = pipeline.num_classes
-    if classes and samples % classes:
-        raise ValueError(f"--samples must be a multiple of the {classes} classes, got {samples}")
-    labels = torch.arange(classes).repeat_interleave(samples // classes) if classes else None
-    if labels is None:
-        images = pipeline(batch_size=samples, num_inference_steps=steps, output_type="raw",
-                          generator=torch.Generator().manual_seed(seed)).images.clamp(-1, 1)
-        return images, None
-    return generate(pipeline, labels, guidance, steps, seed), labels
+    if not pipeline.num_classes:
+        return sample_images(pipeline, samples, seed=seed, num_inference_steps=steps), None
+    labels = class_balanced_labels(pipeline.num_classes, samples)
+    return sample_images(pipeline, class_labels=labels, seed=seed, num_inference_steps=steps,
+                         guidance_scale=guidance), labels
 
 
 def main(argv: list[str] | None = None) -> None:

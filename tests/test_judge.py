@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from data import load_dataset
-from evaluation.judge import feature_fid, judge_accuracy, judge_features, load_judge, real_fid_floor
+from evaluation.judge import (
+    feature_fid,
+    heldout_digits,
+    judge_accuracy,
+    judge_features,
+    load_judge,
+    real_fid_floor,
+)
 from models.judge import MNISTJudge
 
 SHIPPED_JUDGE = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist-judge"
@@ -75,6 +82,20 @@ def test_real_digits_are_far_closer_to_each_other_than_to_shuffled_pixels(judge,
     floor = real_fid_floor(judge)
     assert floor > 0
     assert feature_fid(judge, images, shuffled_pixels) > 10 * floor
+
+
+def test_load_judge_without_a_path_is_the_shipped_judge_from_any_directory(judge, heldout, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images, _ = heldout
+    with torch.no_grad():
+        assert torch.equal(load_judge()(images[:8]), judge(images[:8]))
+
+
+def test_heldout_digits_are_fifty_of_each_digit_in_the_data_range(heldout):
+    images, labels = heldout_digits()
+    assert torch.equal(images, heldout[0]) and torch.equal(labels, heldout[1])
+    assert images.shape == (500, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 50))
 
 
 def test_load_judge_names_a_missing_checkpoint(tmp_path):

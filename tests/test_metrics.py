@@ -1,4 +1,5 @@
-"""``evaluation.metrics``: the distances against closed forms on Gaussians, and the one entry point on real digits."""
+"""``evaluation.metrics`` and ``evaluation.distances``: the feature distances against closed forms on Gaussians, and
+the one entry point on real digits."""
 
 import importlib.util
 import math
@@ -8,14 +9,9 @@ import pytest
 import torch
 
 from data import load_dataset
+from evaluation.distances import frechet_distance, kernel_distance
 from evaluation.judge import feature_fid, judge_accuracy, load_judge
-from evaluation.metrics import (
-    DEFAULT_METRICS,
-    compute_metrics,
-    frechet_distance,
-    kernel_distance,
-    precision_recall,
-)
+from evaluation.metrics import DEFAULT_METRICS, compute_metrics, precision_recall
 
 from .conftest import seeded
 

@@ -1,14 +1,16 @@
 """Score a class-conditional MNIST diffusion model with the judge: ``python -m train.evaluate_model MODEL_DIR``.
 
-Draws ``--samples`` images (the same number of every digit) with the model's exported scheduler (DDIM, η = 0,
-``--steps`` steps) at each ``--guidance`` scale, and reports
+Draws ``--samples`` images (the same number of every digit; ``evaluation.sampling.sample_images``) with the
+model's exported scheduler (DDIM, η = 0, ``--steps`` steps) at each ``--guidance`` scale, and reports
+(``evaluation.metrics.compute_metrics``)
 
-* the judge's accuracy on the intended digits (``evaluation.judge.judge_accuracy``), per guidance scale;
-* the feature-FID (``evaluation.judge.feature_fid``) of the guidance-1 samples against the 500 real ``heldout``
+* the judge's accuracy on the intended digits, per guidance scale;
+* the feature-FID of the guidance-1 samples against the 500 real ``heldout``
   digits, next to ``real_fid_floor`` (250 real held-out digits against the other 250) and the judge's accuracy
   on those real digits, the two numbers a perfect generator would get.
 
-A ``--grid`` PNG shows one row per digit, ``--grid-columns`` samples each, at the largest guidance scale.
+A ``--grid`` PNG (``evaluation.sampling.image_grid``) shows one row per digit, ``--grid-columns`` samples each, at
+the largest guidance scale.
 ``--json`` writes the numbers. The Fréchet distance is biased upwards by small sample counts, more for the
 floor's 250 vs 250 than for the N vs 500 of the samples, so the floor is a yardstick, not an exact target.
 """
@@ -20,30 +22,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from data import load_dataset
-from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor
+from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, judge_accuracy, load_judge, real_fid_floor
+from evaluation.metrics import compute_metrics
+from evaluation.sampling import class_balanced_labels, image_grid, sample_images
 from pipelines import DiffusionImagePipeline
-from train.diffusion import sample_grid
-
-SAMPLING_BATCH = 250
-
-
-def generate(pipeline: DiffusionImagePipeline, labels: torch.Tensor, guidance_scale: float, steps: int,
-             seed: int, **call_options) -> torch.Tensor:
-    """Samples in [-1, 1] for ``labels``, in batches; batch i draws its noise from seed + i. ``call_options``
-    go to the pipeline call (e.g. ``guidance_mode``)."""
-    batches = [
-        pipeline(batch_size=len(batch), num_inference_steps=steps, class_labels=batch, guidance_scale=guidance_scale,
-                 generator=torch.Generator().manual_seed(seed + i), output_type="raw", **call_options).images
-        for i, batch in enumerate(tqdm(labels.split(SAMPLING_BATCH), desc=f"sampling at guidance {guidance_scale}",
-                                       leave=False))
-    ]
-    # the sampler clips x̂0 to [-1, 1]; the last step lands on it up to float rounding
-    return torch.cat(batches).clamp(-1, 1)
 
 
 def evaluate(model_dir: Path, samples: int, steps: int, guidance_scales: list[float], seed: int,
@@ -56,18 +41,22 @@ def evaluate(model_dir: Path, samples: int, steps: int, guidance_scales: list[fl
         raise ValueError(f"--samples must be a multiple of the {pipeline.num_classes} classes, at least 2 of each; "
                          f"got {samples}")
     judge = load_judge(judge_path)
-    labels = torch.arange(pipeline.num_classes).repeat_interleave(samples // pipeline.num_classes)
-    heldout_images, heldout_labels = load_dataset("mnist", image_size=32, split="heldout").tensors()
+    labels = class_balanced_labels(pipeline.num_classes, samples)
+    heldout_images, heldout_labels = heldout_digits()
 
     results = {"model": str(model_dir), "samples": samples, "steps": steps, "seed": seed,
                "sampler": type(pipeline.scheduler).__name__, "accuracy": {}, "sampling_seconds": {}}
     for guidance in guidance_scales:
         started = time.perf_counter()
-        images = generate(pipeline, labels, guidance, steps, seed)
+        with tqdm(total=samples, desc=f"sampling at guidance {guidance}", leave=False) as bar:
+            images = sample_images(pipeline, class_labels=labels, seed=seed, num_inference_steps=steps,
+                                   guidance_scale=guidance, progress=lambda done, total: bar.update(done - bar.n))
         results["sampling_seconds"][str(guidance)] = round(time.perf_counter() - started, 1)
-        results["accuracy"][str(guidance)] = judge_accuracy(judge, images, labels)
+        scores = compute_metrics(images, heldout_images, ["accuracy", "feature_fid"] if guidance == 1.0 else
+                                 ["accuracy"], labels=labels, judge=judge)
+        results["accuracy"][str(guidance)] = scores["accuracy"]
         if guidance == 1.0:
-            results["feature_fid_guidance_1"] = feature_fid(judge, images, heldout_images)
+            results["feature_fid_guidance_1"] = scores["feature_fid"]
     results["real_fid_floor"] = real_fid_floor(judge)
     results["judge_accuracy_on_real_heldout"] = judge_accuracy(judge, heldout_images, heldout_labels)
     return results
@@ -101,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         pipeline = DiffusionImagePipeline.from_pretrained(args.model_dir)
         pipeline.set_progress_bar_config(disable=True)
-        grid = sample_grid(pipeline, args.grid_columns, max(args.guidance), args.seed, args.steps)
+        grid = image_grid(pipeline, args.grid_columns, seed=args.seed, guidance_scale=max(args.guidance),
+                          num_inference_steps=args.steps)
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         grid.save(args.grid)
         print(f"sample grid at guidance {max(args.guidance)}: {args.grid}")

@@ -1,24 +1,26 @@
 """Sample quality of a generation setting, measured by the MNIST judge on N extra samples.
 
-Two numbers (``evaluation.judge``): the judge's accuracy on the intended digits, and the feature-FID (Fréchet
-distance in the judge's penultimate features, Heusel et al. 2017 with the judge in place of Inception) against
-the 500 real held-out digits. They apply to models that make 1×32×32 digits in 10 classes.
+Two numbers (``evaluation.metrics.compute_metrics``): the judge's accuracy on the intended digits, and the
+feature-FID (Fréchet distance in the judge's penultimate features, Heusel et al. 2017 with the judge in place of
+Inception) against the 500 real held-out digits. They apply to models that make 1×32×32 digits in 10 classes.
+The images are drawn as the Generate tab draws them (``webui.sampling.run_job``, which holds the model's lock and
+honours Stop) and scored as the 8-bit pixels it shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import torch
 
+from evaluation.judge import heldout_digits, load_judge
+from evaluation.metrics import compute_metrics
 from webui import models
 from webui.sampling import MAX_BATCH, Job, run_job
 
-JUDGE_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist-judge"
 MAX_SAMPLES = 2000
 
 
@@ -28,19 +30,14 @@ def judge_fits(pipe) -> bool:
 
 @lru_cache(maxsize=1)
 def judge_and_heldout():
-    from data import load_dataset
-    from evaluation.judge import load_judge
-
-    images, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
-    return load_judge(JUDGE_DIR), images
+    """The shipped judge and the held-out digits, loaded once per app."""
+    return load_judge(), heldout_digits()[0]
 
 
 def score(catalog: models.ModelCatalog, job: Job, samples: int, on_step=None) -> dict[str, float]:
     """Feature-FID and judge accuracy of ``samples`` images drawn with ``job``'s settings, every digit in turn,
     from seeds after ``job.seed`` (so the cell's own images are not reused); also their NFE per image and the
     seconds they took."""
-    from evaluation.judge import feature_fid, judge_accuracy
-
     pipe = catalog.load(job.model).pipe
     if not judge_fits(pipe):
         raise gr.Error(f"{job.model} does not make 1×32×32 digits in 10 classes: the MNIST judge cannot score it")
@@ -59,5 +56,6 @@ def score(catalog: models.ModelCatalog, job: Job, samples: int, on_step=None) ->
     images = torch.from_numpy(np.stack(pixels))[:, None].float() / 127.5 - 1
     # every chunk starts at digit 0 (EVERY_CLASS labels image i with i mod 10)
     labels = torch.cat([torch.arange(min(MAX_BATCH, samples - s)) % 10 for s in range(0, samples, MAX_BATCH)])
-    return {"feature_fid": feature_fid(judge, images, heldout), "judge_accuracy": judge_accuracy(judge, images, labels),
-            "nfe": nfe, "seconds": round(seconds, 3)}
+    scores = compute_metrics(images, heldout, ["feature_fid", "accuracy"], labels=labels, judge=judge)
+    return {"feature_fid": scores["feature_fid"], "judge_accuracy": scores["accuracy"], "nfe": nfe,
+            "seconds": round(seconds, 3)}

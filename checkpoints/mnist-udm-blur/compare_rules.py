@@ -14,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import torch
 from diffusers.utils import logging as diffusers_logging
 
 import schedulers
-from data import load_dataset
-from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge
+from evaluation.judge import heldout_digits, load_judge
+from evaluation.metrics import compute_metrics
+from evaluation.sampling import class_balanced_labels, image_grid, sample_images
 from pipelines import DiffusionImagePipeline
-from train.diffusion import sample_grid
-from train.evaluate_model import generate
 
 RULES = ("udm-naive", "udm-improved", "udm-invertible")
 GAP = 6  # pixels of white between the rules' grids
@@ -45,19 +43,21 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if pipe.num_classes == 0 or args.samples % pipe.num_classes:
         raise ValueError(f"needs a class-conditional model and --samples a multiple of its {pipe.num_classes} classes")
-    judge = load_judge(DEFAULT_JUDGE_PATH)
-    heldout, _ = load_dataset("mnist", image_size=32, split="heldout").tensors()
-    labels = torch.arange(pipe.num_classes).repeat_interleave(args.samples // pipe.num_classes)
+    judge = load_judge()
+    heldout, _ = heldout_digits()
+    labels = class_balanced_labels(pipe.num_classes, args.samples)
     model_config = pipe.scheduler.config
     results, grids = {}, []
     for rule in RULES:
         pipe.scheduler = schedulers.get_sampler(rule).create(model_config)
-        images = generate(pipe, labels, args.guidance, args.steps, args.seed)
-        results[rule] = {"accuracy": judge_accuracy(judge, images, labels),
-                         "feature_fid": feature_fid(judge, images, heldout)}
+        images = sample_images(pipe, class_labels=labels, seed=args.seed, num_inference_steps=args.steps,
+                               guidance_scale=args.guidance)
+        scores = compute_metrics(images, heldout, ["accuracy", "feature_fid"], labels=labels, judge=judge)
+        results[rule] = {"accuracy": scores["accuracy"], "feature_fid": scores["feature_fid"]}
         print(f"{rule}: judge accuracy {results[rule]['accuracy']:.2%}, feature-FID {results[rule]['feature_fid']:.2f}"
               f" ({args.samples} samples, {args.steps} steps, guidance {args.guidance})")
-        grids.append(np.asarray(sample_grid(pipe, args.grid_columns, args.guidance, args.seed, args.steps)))
+        grids.append(np.asarray(image_grid(pipe, args.grid_columns, seed=args.seed, guidance_scale=args.guidance,
+                                           num_inference_steps=args.steps)))
     if args.json:
         args.json.write_text(json.dumps({"samples": args.samples, "steps": args.steps, "guidance": args.guidance,
                                          "seed": args.seed, "rules": results}, indent=2) + "\n")
