@@ -51,6 +51,7 @@ from evaluation.metrics import compute_metrics  # noqa: E402
 from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers.analytic import pipeline_eps_second_moment  # noqa: E402
+from schedulers.registry import steps_within  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,28 +63,6 @@ ANALYTIC_TABLE, QUICK_ANALYTIC_TABLE = (100, 160), (10, 20)
 QUICK = {"samples": 20, "nfe": [5, 10], "samplers": ["ddim", "analytic-ddpm", "heun"], "reference_steps": 50}
 BIAS_NOTE = ("feature-FID from N samples is biased upward, more for smaller N: rows are comparable only at equal N "
              "(this run's), not with FIDs from other sample counts")
-
-
-def steps_for(scheduler, target_nfe: int, nfe_per_step: int) -> tuple[int, int]:
-    """(steps, NFE): the most steps whose run costs at most ``target_nfe`` network evaluations, and that cost.
-
-    A run calls the network once per entry of ``scheduler.timesteps`` (at guidance 1), which for Heun is
-    2·steps − 1 (the last step into σ = 0 is an Euler step) and for DPM-Solver++ 3M steps + 1.
-    """
-    def cost(steps: int) -> int:
-        scheduler.set_timesteps(steps)
-        return len(scheduler.timesteps)
-
-    steps = max(1, target_nfe // nfe_per_step)
-    while steps > 1 and cost(steps) > target_nfe:
-        steps -= 1
-    while cost(steps + 1) <= target_nfe:
-        steps += 1
-    nfe = cost(steps)
-    if nfe > target_nfe:
-        raise ValueError(f"{type(scheduler).__name__} spends {nfe} evaluations on its shortest run, "
-                         f"more than the target {target_nfe}")
-    return steps, nfe
 
 
 def benchmarked_spec(name: str) -> schedulers.SamplerSpec:
@@ -143,7 +122,7 @@ def run(args, out: Path) -> dict:
         spec = benchmarked_spec(name)
         scheduler = pipeline.scheduler = make_scheduler(spec, model_config, table)
         for target in args.nfe:
-            steps, nfe = steps_for(scheduler, target, spec.nfe_per_step)
+            steps, nfe = steps_within(scheduler, target)
             row = {"sampler": name, "family": spec.family, "stochastic": spec.stochastic, "nfe_target": target,
                    "steps": steps, "nfe": nfe, **sample_and_score(pipeline, judge, heldout, labels, steps, args.seed)}
             results["rows"].append(row)

@@ -52,6 +52,7 @@ from evaluation.distances import nll_gap, sliced_wasserstein  # noqa: E402
 from evaluation.exact import ExactScoreModel, GaussianMixture  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers.process import VPSchedule  # noqa: E402
+from schedulers.registry import steps_within  # noqa: E402
 from schedulers.sigmas import karras_sigmas, log_snr_sigmas  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,29 +64,29 @@ SEARCH = {"sigma_min": (0.006, 0.01, 0.015, 0.02, 0.03), "sigma_max": (20.0, 157
           "final": ("zero", "sigma_min")}
 SEARCH_NFES = (5, 10, 20)
 
-# (label, class, config, NFE per step, deterministic); every entry is one line of the table.
+# (label, class, config, deterministic); every entry is one line of the table.
 SPACINGS = {"default": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
-DIFFUSERS = [("diffusers-ddim/" + s, diffusers.DDIMScheduler, {"timestep_spacing": s, "clip_sample": False}, 1, True)
+DIFFUSERS = [("diffusers-ddim/" + s, diffusers.DDIMScheduler, {"timestep_spacing": s, "clip_sample": False}, True)
              for s in ("leading", "trailing", "linspace")]
-for name, cls, base, per_step, deterministic in [
-    ("euler", diffusers.EulerDiscreteScheduler, {}, 1, True),
-    ("heun", diffusers.HeunDiscreteScheduler, {}, 2, True),
-    ("lms", diffusers.LMSDiscreteScheduler, {}, 1, True),
-    ("deis", diffusers.DEISMultistepScheduler, {}, 1, True),
-    ("unipc", diffusers.UniPCMultistepScheduler, {}, 1, True),
-    ("dpmpp-2m", diffusers.DPMSolverMultistepScheduler, {"solver_order": 2}, 1, True),
-    ("dpmpp-3m", diffusers.DPMSolverMultistepScheduler, {"solver_order": 3}, 1, True),
-    ("dpmpp-2s", diffusers.DPMSolverSinglestepScheduler, {"solver_order": 2}, 1, True),
+for name, cls, base, deterministic in [
+    ("euler", diffusers.EulerDiscreteScheduler, {}, True),
+    ("heun", diffusers.HeunDiscreteScheduler, {}, True),
+    ("lms", diffusers.LMSDiscreteScheduler, {}, True),
+    ("deis", diffusers.DEISMultistepScheduler, {}, True),
+    ("unipc", diffusers.UniPCMultistepScheduler, {}, True),
+    ("dpmpp-2m", diffusers.DPMSolverMultistepScheduler, {"solver_order": 2}, True),
+    ("dpmpp-3m", diffusers.DPMSolverMultistepScheduler, {"solver_order": 3}, True),
+    ("dpmpp-2s", diffusers.DPMSolverSinglestepScheduler, {"solver_order": 2}, True),
 ]:
     for spacing, extra in SPACINGS.items():
-        DIFFUSERS.append((f"diffusers-{name}/{spacing}", cls, {**base, **extra}, per_step, deterministic))
+        DIFFUSERS.append((f"diffusers-{name}/{spacing}", cls, {**base, **extra}, deterministic))
 for order in (2, 3):
     for final in ("zero", "sigma_min"):
         DIFFUSERS.append((f"diffusers-dpmpp-{order}m/logsnr-{final}", diffusers.DPMSolverMultistepScheduler,
-                          {"solver_order": order, "use_lu_lambdas": True, "final_sigmas_type": final}, 1, True))
+                          {"solver_order": order, "use_lu_lambdas": True, "final_sigmas_type": final}, True))
         DIFFUSERS.append((f"diffusers-dpmpp-{order}m/exponential-{final}", diffusers.DPMSolverMultistepScheduler,
-                          {"solver_order": order, "use_exponential_sigmas": True, "final_sigmas_type": final}, 1, True))
-DIFFUSERS.append(("diffusers-pndm", diffusers.PNDMScheduler, {"skip_prk_steps": True}, 1, True))
+                          {"solver_order": order, "use_exponential_sigmas": True, "final_sigmas_type": final}, True))
+DIFFUSERS.append(("diffusers-pndm", diffusers.PNDMScheduler, {"skip_prk_steps": True}, True))
 
 
 def benchmark_mixture(seed: int = BENCHMARK_SEED) -> GaussianMixture:
@@ -217,31 +218,24 @@ def search_grids(samples: int) -> dict:
 
 
 def project_samplers():
-    """(label, factory(steps), NFE per step, deterministic) for every registered sampler that needs nothing
-    the exact model cannot give."""
+    """(label, factory(), deterministic) for every registered sampler that needs nothing the exact model cannot
+    give."""
     out = []
     for name, spec in schedulers.SAMPLERS.items():
         if spec.requires or spec.adaptive:  # adaptive solvers do not aim at an NFE; see tests/test_ode_order.py
             continue
-        out.append((name, lambda spec=spec: spec.create({"clip_sample": False}), spec.nfe_per_step,
-                    not spec.stochastic))
+        out.append((name, lambda spec=spec: spec.create({"clip_sample": False}), not spec.stochastic))
     return out
 
 
-def run(pipe, scheduler, nfe_target: int, per_step: int, latents, seed: int, steps: int | None = None):
-    """Sample with ``steps``, or else the step count whose NFE is closest to (not above) the target;
+def run(pipe, scheduler, nfe_target: int, latents, seed: int, steps: int | None = None):
+    """Sample with ``steps``, or else the most steps whose traced NFE is at most the target (``steps_within``);
     returns (images, nfe)."""
     pipe.scheduler = scheduler
-    if steps is not None:
-        out = pipe(batch_size=len(latents), num_inference_steps=steps, latents=latents, output_type="raw")
-        return out.images, out.nfe
-    steps = max(1, nfe_target // per_step + (1 if per_step == 2 else 0))
-    for _ in range(4):  # two-evaluation solvers spend 2·steps − 1: shrink until the budget holds
-        out = pipe(batch_size=len(latents), num_inference_steps=steps, latents=latents,
-                   generator=torch.Generator().manual_seed(seed), output_type="raw")
-        if out.nfe <= nfe_target or steps == 1:
-            return out.images, out.nfe
-        steps -= 1
+    if steps is None:
+        steps, _ = steps_within(scheduler, nfe_target)
+    out = pipe(batch_size=len(latents), num_inference_steps=steps, latents=latents,
+               generator=torch.Generator().manual_seed(seed), output_type="raw")
     return out.images, out.nfe
 
 
@@ -277,17 +271,17 @@ def main(argv=None):
     n = args.samples
     scene = Scene(BENCHMARK_SEED, n)
     pipe, latents = scene.pipe, scene.latents
-    ode, _ = run(pipe, schedulers.ProbabilityFlowScheduler(solver="dpmpp-3m", sigma_schedule="log_snr"), 500, 1,
+    ode, _ = run(pipe, schedulers.ProbabilityFlowScheduler(solver="dpmpp-3m", sigma_schedule="log_snr"), 500,
                  latents, 0)
     exact_sw2, exact_nll = scene.score(exact_ode_samples(scene.mixture, latents))
 
-    # (label, make(NFE target) → (scheduler, steps or None: chosen by ``run``), NFE per step, deterministic)
-    entries = [(label, (lambda target, factory=factory: (factory(), None)), per_step, det)
-               for label, factory, per_step, det in project_samplers()]
-    entries += [(label, (lambda target, cls=cls, cfg=cfg: (cls(**cfg), None)), per_step, det)
-                for label, cls, cfg, per_step, det in DIFFUSERS]
+    # (label, make(NFE target) → (scheduler, steps or None: chosen by ``run``), deterministic)
+    entries = [(label, (lambda target, factory=factory: (factory(), None)), det)
+               for label, factory, det in project_samplers()]
+    entries += [(label, (lambda target, cls=cls, cfg=cfg: (cls(**cfg), None)), det)
+                for label, cls, cfg, det in DIFFUSERS]
     grids = json.loads(GRIDS.read_text())["grids"] if GRIDS.exists() else {}
-    entries += [(label, (lambda target, label=label: searched_run(label, grids[f"{label}@{target}"], target)), 1,
+    entries += [(label, (lambda target, label=label: searched_run(label, grids[f"{label}@{target}"], target)),
                  True) for label in SEARCHED]
     nfes = (10,) if args.quick else NFES
     if args.quick:
@@ -298,14 +292,14 @@ def main(argv=None):
     print(f"sliced-W2 floor (true vs true, {n} samples): {scene.floor:.4f}; the exact ODE's own gaps: "
           f"sliced-W2 {exact_sw2:.4f}, NLL {exact_nll:.2f}")
     print(f"{'sampler':42s} {'NFE':>4s} {'sw2_gap':>8s} {'nll_gap':>9s} {'rms_ode':>8s} {'s':>6s}")
-    for label, make, per_step, deterministic in entries:
+    for label, make, deterministic in entries:
         for target in nfes:
             if label in SEARCHED and f"{label}@{target}" not in grids:
                 continue  # no grid searched at this NFE (run --search)
             try:
                 scheduler, steps = make(target)
                 start = time.perf_counter()
-                images, nfe = run(pipe, scheduler, target, per_step, latents, 0, steps)
+                images, nfe = run(pipe, scheduler, target, latents, 0, steps)
                 seconds = time.perf_counter() - start
             except Exception as error:  # an option a scheduler does not support: record it, go on
                 rows.append({"sampler": label, "nfe_target": target, "error": f"{type(error).__name__}: {error}"})

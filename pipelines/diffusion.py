@@ -14,7 +14,6 @@ guidance rewrite the output through ε̃ = ε − β̄ γ ∇ log p(y | x_t) (``
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +26,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from schedulers.model_adapters import make_model_adapter
 from schedulers.process import PREDICTION_TYPES, VPSchedule
+from schedulers.registry import MAX_STEPS, check_range, get_sampler, step_knobs
 
 from .guidance import CLASSIFIER_MODES, Guidance, classifier_guided_output
 from .loading import ComponentImportingPipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "raw")
-MAX_STEPS = 10_000
+MAX_GUIDANCE = 100.0  # |guidance_scale| of one request; the UI reads it
 
 
 def _per_image_labels(class_labels, batch_size: int) -> torch.Tensor:
@@ -188,14 +188,32 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         with torch.no_grad():
             return classifier.features(reference.to(self.device, next(classifier.parameters()).dtype), 0)
 
+    def set_sampler(self, name: str, knobs: dict[str, Any] | None = None,
+                    model_scheduler_config: dict | None = None) -> dict[str, Any]:
+        """Swap in the registered sampler ``name`` with a request's ``knobs`` ({knob: value}, None: its default),
+        checked against its spec: that it fits the model, and each knob's range (the ValueError names what does
+        not fit). Returns the ``step`` knobs (``eta``) to pass to the call; the config knobs build the scheduler.
+
+        ``model_scheduler_config``: the scheduler config the model shipped with (default: the current one's), from
+        which the sampler inherits the training process and any table it requires.
+        """
+        spec = get_sampler(name)
+        config = dict(self.scheduler.config) if model_scheduler_config is None else model_scheduler_config
+        spec.check_fits(self.config.model_info.get("process", "vp"), config)
+        overrides, step = spec.settings(knobs)
+        self.scheduler = spec.create(config, **overrides)
+        return step
+
     def _step_kwargs(self, eta: float | None, generator) -> dict[str, Any]:
-        accepted = inspect.signature(self.scheduler.step).parameters
+        """``step``'s keyword arguments: ``eta`` checked against the scheduler's declared step knobs, and the
+        generator where ``step`` draws noise (diffusers' own ``prepare_extra_step_kwargs`` convention)."""
         kwargs = {}
         if eta is not None:
-            if "eta" not in accepted:
+            knob = step_knobs(self.scheduler).get("eta")
+            if knob is None:
                 raise ValueError(f"{type(self.scheduler).__name__} has no η; leave eta unset")
-            kwargs["eta"] = eta
-        if "generator" in accepted:
+            kwargs["eta"] = knob.check(eta)
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
             kwargs["generator"] = generator
         return kwargs
 
@@ -233,12 +251,13 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         """Generate ``batch_size`` images.
 
         Args:
-            num_inference_steps: scheduler steps (NFE = steps × the scheduler's evaluations per step, ×2 with CFG).
+            num_inference_steps: scheduler steps, at most ``MAX_STEPS`` (NFE: one network evaluation per entry of
+                the scheduler's ``timesteps``, ``SamplerSpec.nfe``; ×2 with classifier-free guidance).
             generator: seeds the initial noise and the sampler's noise; a list gives each image its own.
             class_labels: one label for all images or one per image; None samples unconditionally.
-            guidance_scale: the guidance weight: w of classifier-free guidance (1 = conditional, 0 =
-                unconditional), γ of the classifier modes (0 = unguided).
-            eta: the scheduler's η (DDIM family) for this call; None keeps the scheduler's default.
+            guidance_scale: the guidance weight, |w| ≤ ``MAX_GUIDANCE``: w of classifier-free guidance (1 =
+                conditional, 0 = unconditional), γ of the classifier modes (0 = unguided).
+            eta: the scheduler's η (DDIM family, a declared ``step`` knob) for this call; None keeps its default.
             latents: initial noise x_T to start from instead of drawing it (shape (B, C, H, W)).
             height, width: sample at another size than the model was trained at (a UNet is convolutional;
                 the size must divide by its downsampling factor). Default: the trained size.
@@ -256,12 +275,9 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
-        if eta is not None and not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        num_inference_steps = check_range("num_inference_steps", num_inference_steps, 1, MAX_STEPS, integer=True)
+        guidance_scale = check_range("guidance_scale", guidance_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
+        step_kwargs = self._step_kwargs(eta, generator)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if guidance_mode is None:
@@ -291,7 +307,6 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        step_kwargs = self._step_kwargs(eta, generator)
         sample = self._initial_sample(shape, latents, generator)
         nfe = 0
 

@@ -38,17 +38,17 @@ def ddim_sigma(acp: torch.Tensor, acp_prev: torch.Tensor, eta: float, sigma_type
     raise ValueError(f"sigma_type must be 'eta' or 'beta', got {sigma_type!r}")
 
 
-@register("analytic-ddim", family="analytic", stochastic=True, defaults={"eta": 0.0},
+@register("analytic-ddim", family="analytic", stochastic=True, knobs={"eta": 0.0},
           requires=("eps_second_moment",),
           description="Analytic-DPM on DDIM η = 0: the x̂0 uncertainty as the only noise")
-@register("analytic-ddpm", family="analytic", stochastic=True, defaults={"eta": 1.0},
+@register("analytic-ddpm", family="analytic", stochastic=True, knobs={"eta": 1.0},
           requires=("eps_second_moment",),
           description="Analytic-DPM: DDPM (η = 1) with the optimal variance (Bao et al. 2022)")
-@register("ddim-beta", family="ddim", stochastic=True, defaults={"eta": 1.0, "sigma_type": "beta"},
+@register("ddim-beta", family="ddim", stochastic=True, knobs={"eta": 1.0}, defaults={"sigma_type": "beta"},
           description="DDIM with σ_t = β_t (Su, part 4)")
-@register("ddim-eta1", family="ddim", stochastic=True, defaults={"eta": 1.0},
+@register("ddim-eta1", family="ddim", stochastic=True, knobs={"eta": 1.0},
           description="DDIM, η = 1: DDPM's marginals on any step subsequence")
-@register("ddim", family="ddim", stochastic=False,
+@register("ddim", family="ddim", stochastic=False, knobs={"eta": 0.0},
           description="DDIM, η = 0: deterministic, Euler on the probability-flow ODE (Song et al. 2021)")
 class DDIMScheduler(VPScheduler):
     """DDIM sampler; same config keys and trajectories as ``diffusers.DDIMScheduler``, plus inversion.

@@ -267,14 +267,14 @@ MEAN_VALUE = "mean-value-2m"  # needs its table, so it is built per scheduler ra
           description="2M with a fitted mean-value point per step (AMED-style; fit_mean_value_points for the grid)")
 @register("dpmpp-3m", family="ode", stochastic=False, defaults={"solver": "dpmpp-3m", "sigma_schedule": "log_snr"},
           description="DPM-Solver++ third-order multistep, uniform log-SNR steps")
-@register("flow-heun", family="ode", stochastic=False, nfe_per_step=2,
+@register("flow-heun", family="ode", stochastic=False,
           defaults={"solver": "flow-heun", "sigma_schedule": "flow"},
           description="Heun on the rectified-flow ODE, steps uniform in flow time t = σ/(1 + σ)")
 @register("dpmpp-2m", family="ode", stochastic=False, defaults={"solver": "dpmpp-2m", "sigma_schedule": "log_snr"},
           description="DPM-Solver++(2M), uniform log-SNR steps (Lu et al. 2022)")
-@register("midpoint", family="ode", stochastic=False, nfe_per_step=2, defaults={"solver": "midpoint"},
+@register("midpoint", family="ode", stochastic=False, defaults={"solver": "midpoint"},
           description="probability-flow ODE, explicit midpoint in log σ")
-@register("heun", family="ode", stochastic=False, nfe_per_step=2, defaults={"solver": "heun"},
+@register("heun", family="ode", stochastic=False, defaults={"solver": "heun"},
           description="probability-flow ODE, Heun (EDM Alg. 1), Karras steps")
 @register("euler", family="ode", stochastic=False, defaults={"solver": "euler"},
           description="probability-flow ODE, Euler in σ, Karras steps (EDM)")
@@ -317,7 +317,7 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
         return SOLVERS[self.config.solver](x, sigmas, noise)
 
 
-@register("rk45", family="ode", stochastic=False, nfe_per_step=0, adaptive=True,
+@register("rk45", family="ode", stochastic=False, adaptive=True, knobs={"rtol": 1e-3, "atol": 1e-3},
           description="probability-flow ODE, adaptive Dormand–Prince RK45 (scipy), rtol = atol = 1e-3")
 class AdaptiveODEScheduler(SigmaSpaceScheduler):
     """The probability-flow ODE solved by scipy's adaptive RK45 (Dormand & Prince 1980), as score_sde's

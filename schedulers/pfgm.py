@@ -103,7 +103,7 @@ def point_set_posterior_mean(points: torch.Tensor, x: torch.Tensor, sigma, D: in
 
 @register("pfgmpp-euler", family="pfgm", stochastic=False, processes=("pfgmpp",), defaults={"solver": "euler"},
           description="PFGM++: Euler in σ from the heavy-tailed prior, Karras steps")
-@register("pfgmpp-heun", family="pfgm", stochastic=False, processes=("pfgmpp",), nfe_per_step=2,
+@register("pfgmpp-heun", family="pfgm", stochastic=False, processes=("pfgmpp",),
           defaults={"solver": "heun"},
           description="PFGM++: Heun in σ (EDM Alg. 1) from the heavy-tailed prior, Karras steps (Xu et al. 2023)")
 class PFGMppScheduler(ProbabilityFlowScheduler):

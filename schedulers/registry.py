@@ -1,15 +1,21 @@
-"""The sampler registry: name → scheduler class plus what the app and the tests need to know about it.
+"""The sampler registry: name → scheduler class plus the contract the pipeline, the app and the tests read.
 
 Modules register their classes with ``@register(...)`` (one class may carry several entries with different
 config defaults, e.g. ``ddpm`` and ``ddpm-large``). ``schedulers/__init__.py`` imports every module, so
 importing the package fills the registry; the app and the exact-score tests iterate over it.
+
+An entry declares its knobs (the settings a request may change, each with its one range in ``KNOBS``), the forward
+processes it drives and the values it requires from the model. Its NFE is not declared: ``SamplerSpec.nfe`` builds
+the scheduler and counts the evaluation points ``set_timesteps`` lays out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 SAMPLERS: dict[str, SamplerSpec] = {}
 
@@ -25,24 +31,71 @@ REQUIREMENT_HINTS = {
     "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
 }
 
+MAX_STEPS = 1000  # num_inference_steps of one request, for every sampler: the pipeline enforces it, the UI reads it
+
+
+def check_range(name: str, value, low: float, high: float, integer: bool = False) -> float | int:
+    """``value`` as a finite number in [low, high] (an int when ``integer``); ValueError naming ``name`` else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if integer and value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+    return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A setting a request may change: its range, its default, and where it goes — ``"config"``: a constructor
+    override of the scheduler; ``"step"``: an argument of every ``step`` call (DDIM's η, Song et al. 2021 eq. 16)."""
+
+    name: str
+    low: float
+    high: float
+    default: float
+    target: Literal["config", "step"]
+    integer: bool = False
+    label: str = ""
+
+    def check(self, value, name: str | None = None) -> float | int:
+        """``value`` if it is in range; the ValueError names ``name`` (default: the knob's own name)."""
+        return check_range(name or self.name, value, self.low, self.high, self.integer)
+
+
+# Every knob a sampler can declare, with its one range. An entry names its knobs and their defaults.
+KNOBS = {knob.name: knob for knob in (
+    Knob("eta", 0.0, 1.0, 0.0, "step", label="η (0: deterministic DDIM, 1: DDPM-like)"),
+    Knob("noise_level", 0.0, 1.0, 1.0, "config", label="noise level λ (0: probability-flow ODE, 1: reverse SDE)"),
+    Knob("corrector_steps", 0, 10, 1, "config", integer=True, label="Langevin corrector steps per step"),
+    Knob("rtol", 1e-6, 1e-1, 1e-3, "config", label="relative tolerance of the adaptive solver"),
+    Knob("atol", 1e-6, 1e-1, 1e-3, "config", label="absolute tolerance of the adaptive solver"),
+)}
+# The knobs that say how much fresh noise a sampler draws (0: deterministic); a sampler has at most one.
+NOISE_KNOBS = ("eta", "noise_level")
+
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One registered sampler: a scheduler class and the defaults that make it this sampler."""
+    """One registered sampler: a scheduler class, the defaults that make it this sampler, and its knobs."""
 
     name: str
     scheduler_class: type
     family: str  # "ancestral", "ddim", "sde", "ode", …: what kind of reverse process it walks
     stochastic: bool  # whether it draws fresh noise while sampling (η or its equivalent at default)
     processes: tuple[str, ...] = ("vp",)  # forward processes whose models it can drive
-    nfe_per_step: int = 1  # network evaluations per step of num_inference_steps (0: adaptive)
     adaptive: bool = False  # chooses its own steps (``solve``), ignoring num_inference_steps
     defaults: dict[str, Any] = field(default_factory=dict)
+    knobs: tuple[Knob, ...] = ()  # what a request may set, with this entry's defaults
     requires: tuple[str, ...] = ()  # config values only the model can supply (e.g. Analytic-DPM's table)
     description: str = ""
 
     def create(self, model_scheduler_config: dict | None = None, **overrides):
-        """A scheduler for a model: the model's training process, then this entry's defaults, then overrides.
+        """A scheduler for a model: the model's training process, then this entry's defaults and knob defaults
+        (a step knob's default too, where the constructor takes it: DDIM's η is ``step``'s default), then
+        ``overrides``.
 
         ``model_scheduler_config`` is the config of the scheduler shipped with the model (any diffusers or
         project scheduler); only the keys that describe the training process are taken from it.
@@ -51,32 +104,130 @@ class SamplerSpec:
         wanted = (*TRAINING_KEYS, *self.requires)  # a tuned table reaches only the samplers that use it
         config = {k: v for k, v in (model_scheduler_config or {}).items() if k in wanted and k in accepted}
         config.update(self.defaults)
+        config.update({knob.name: knob.default for knob in self.knobs if knob.name in accepted})
         config.update(overrides)
-        missing = [key for key in self.requires if config.get(key) is None]
-        if missing:
-            hints = "; ".join(REQUIREMENT_HINTS[key] for key in missing if key in REQUIREMENT_HINTS)
-            raise ValueError(f"sampler {self.name!r} needs {', '.join(missing)} from the model"
-                             + (f": {hints}" if hints else ""))
+        missing = self._missing(config)
+        if missing is not None:
+            raise ValueError(f"sampler {self.name!r} {missing}")
         return self.scheduler_class(**config)
+
+    # ---------------------------------------------------------------- what fits
 
     def drives(self, process: str) -> bool:
         return process in self.processes
 
+    def _missing(self, model_scheduler_config: dict | None) -> str | None:
+        """"needs … from the model" with the hints to get it, or None when the config has all it requires."""
+        config = model_scheduler_config or {}
+        missing = [key for key in self.requires if config.get(key) is None]
+        if not missing:
+            return None
+        hints = "; ".join(REQUIREMENT_HINTS[key] for key in missing if key in REQUIREMENT_HINTS)
+        return f"needs {', '.join(missing)} from the model" + (f": {hints}" if hints else "")
+
+    def unfit_reason(self, process: str, model_scheduler_config: dict | None) -> str | None:
+        """Why it cannot sample a model trained on ``process`` with this scheduler config; None if it can."""
+        if not self.drives(process):
+            return f"it cannot drive a model trained on the {process!r} process"
+        missing = self._missing(model_scheduler_config)
+        return None if missing is None else f"it {missing}"
+
+    def check_fits(self, process: str, model_scheduler_config: dict | None, model: str = "this model") -> None:
+        """ValueError, naming ``model`` and the reason, unless it can sample that model."""
+        reason = self.unfit_reason(process, model_scheduler_config)
+        if reason is not None:
+            raise ValueError(f"sampler {self.name} does not fit {model}: {reason}")
+
     def available_for(self, process: str, model_scheduler_config: dict | None = None) -> bool:
         """Whether it drives ``process`` and the model supplies everything it requires."""
-        config = model_scheduler_config or {}
-        return self.drives(process) and all(config.get(key) is not None for key in self.requires)
+        return self.unfit_reason(process, model_scheduler_config) is None
+
+    # ---------------------------------------------------------------- knobs
+
+    def knob(self, name: str) -> Knob:
+        for knob in self.knobs:
+            if knob.name == name:
+                return knob
+        raise ValueError(f"sampler {self.name!r} has no knob {name!r}; its knobs: "
+                         f"{', '.join(k.name for k in self.knobs) or 'none'}")
+
+    @property
+    def noise_knob(self) -> Knob | None:
+        """The knob that sets how much fresh noise it draws (η or the noise level λ), if it has one."""
+        return next((knob for knob in self.knobs if knob.name in NOISE_KNOBS), None)
+
+    def settings(self, values: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(constructor overrides, ``step`` arguments) for a request's knob ``values`` (None: the default),
+        each checked against its range; the ValueError names the knob."""
+        config, step = {}, {}
+        for name, value in (values or {}).items():
+            knob = self.knob(name)
+            if value is not None:
+                (config if knob.target == "config" else step)[name] = knob.check(value)
+        return config, step
+
+    # ---------------------------------------------------------------- cost
+
+    def nfe(self, num_inference_steps: int, model_scheduler_config: dict | None = None) -> int | None:
+        """Network evaluations per image (no guidance) of a run of ``num_inference_steps``, traced, not declared:
+        a diffusers-protocol run calls the model once per entry of ``timesteps`` (Heun's 2n − 1, DPM-Solver++ 3M's
+        first step of 2). None for an adaptive solver: its controller decides while solving (it reports
+        ``nfe_spent`` after)."""
+        if self.adaptive:
+            return None
+        return traced_nfe(self.create(model_scheduler_config), num_inference_steps)
+
+    def steps_within(self, nfe_budget: int, model_scheduler_config: dict | None = None) -> tuple[int, int]:
+        """(steps, NFE): the most steps whose run costs at most ``nfe_budget`` evaluations, and that cost."""
+        return steps_within(self.create(model_scheduler_config), nfe_budget)
 
 
-def register(name: str, **metadata):
-    """Class decorator adding a registry entry ``name`` for the decorated scheduler class."""
+def traced_nfe(scheduler, num_inference_steps: int) -> int:
+    """Network evaluations of ``scheduler``'s run of ``num_inference_steps``: one per entry of ``timesteps``."""
+    scheduler.set_timesteps(num_inference_steps)
+    return len(scheduler.timesteps)
+
+
+def steps_within(scheduler, nfe_budget: int) -> tuple[int, int]:
+    """(steps, NFE): the most steps whose run of ``scheduler`` (any diffusers-protocol one) costs at most
+    ``nfe_budget`` evaluations, and that cost; the cost grows with the steps, by at least one per step."""
+    steps = max(1, nfe_budget)
+    while steps > 1 and traced_nfe(scheduler, steps) > nfe_budget:
+        steps -= 1
+    nfe = traced_nfe(scheduler, steps)
+    if nfe > nfe_budget:
+        raise ValueError(f"{type(scheduler).__name__} spends {nfe} evaluations on its shortest run, "
+                         f"more than the budget {nfe_budget}")
+    return steps, nfe
+
+
+def step_knobs(scheduler) -> dict[str, Knob]:
+    """The ``step`` knobs declared for ``scheduler``'s class (every entry of a class declares the same ones);
+    none for a scheduler from outside the registry."""
+    for spec in SAMPLERS.values():
+        if spec.scheduler_class is type(scheduler):
+            return {knob.name: knob for knob in spec.knobs if knob.target == "step"}
+    return {}
+
+
+def register(name: str, knobs: dict[str, float] | None = None, **metadata):
+    """Class decorator adding a registry entry ``name`` for the decorated scheduler class; ``knobs`` maps the
+    names of its ``KNOBS`` to this entry's defaults."""
 
     def decorate(cls):
         if name in SAMPLERS:
             raise ValueError(f"sampler {name!r} is registered twice")
+        declared = tuple(dataclasses.replace(KNOBS[knob], default=default) for knob, default in (knobs or {}).items())
         # Without ``processes``, the class says which forward processes' models it drives (default: VP).
         entry = {"processes": getattr(cls, "supported_processes", ("vp",)), **metadata}
-        SAMPLERS[name] = SamplerSpec(name=name, scheduler_class=cls, **entry)
+        spec = SamplerSpec(name=name, scheduler_class=cls, knobs=declared, **entry)
+        for knob in declared:
+            knob.check(knob.default, f"{name}'s default {knob.name}")
+        siblings = [other for other in SAMPLERS.values() if other.scheduler_class is cls]
+        if siblings and {k.name for k in siblings[0].knobs if k.target == "step"} != \
+                {k.name for k in declared if k.target == "step"}:
+            raise ValueError(f"sampler {name!r} declares other step knobs than {siblings[0].name!r}, same class")
+        SAMPLERS[name] = spec
         return cls
 
     return decorate

@@ -53,15 +53,17 @@ def noise_level_family(noise_level: float, corrector_steps: int = 0, snr: float 
     return solve
 
 
-@register("noise-level", family="sde", stochastic=True, defaults={"noise_level": 0.5},
+@register("noise-level", family="sde", stochastic=True, knobs={"noise_level": 0.5},
           description="Su's noise-level family between the ODE (λ = 0) and the reverse SDE (λ = 1); λ = 0.5")
-@register("sde-pc", family="sde", stochastic=True, nfe_per_step=2, defaults={"noise_level": 1.0,
+@register("sde-pc", family="sde", stochastic=True, knobs={"noise_level": 1.0,
           "corrector_steps": 1}, description="predictor–corrector: Euler–Maruyama + 1 Langevin step (r = 0.16)")
-@register("sde-ve", family="sde", stochastic=True, defaults={"noise_level": 1.0, "sigma_schedule": "log_snr"},
+@register("sde-ve", family="sde", stochastic=True, knobs={"noise_level": 1.0},
+          defaults={"sigma_schedule": "log_snr"},
           description="reverse VE-SDE, Euler–Maruyama, geometric σ")
-@register("sde-subvp", family="sde", stochastic=True, defaults={"noise_level": 1.0, "sigma_schedule": "subvp"},
+@register("sde-subvp", family="sde", stochastic=True, knobs={"noise_level": 1.0},
+          defaults={"sigma_schedule": "subvp"},
           description="reverse sub-VP SDE, Euler–Maruyama, uniform in t")
-@register("sde-euler-maruyama", family="sde", stochastic=True, defaults={"noise_level": 1.0},
+@register("sde-euler-maruyama", family="sde", stochastic=True, knobs={"noise_level": 1.0},
           description="reverse VP-SDE, Euler–Maruyama, uniform in t (Song et al. 2021)")
 class ReverseSDEScheduler(SigmaSpaceScheduler):
     """The noise-level family of reverse processes, with an optional Langevin corrector."""

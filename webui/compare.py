@@ -17,19 +17,22 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from pipelines.diffusion import MAX_GUIDANCE
+from schedulers.registry import KNOBS, MAX_STEPS, NOISE_KNOBS
 from webui import models, quality
 from webui.generate import INPUTS
 from webui.generate import stop as stop_session
-from webui.sampling import MAX_SEED, MAX_STEPS, STOP, Job, Stopped, output_dir, parse_job, run_job, save_png, tile
+from webui.sampling import MAX_SEED, STOP, Job, Stopped, output_dir, parse_job, run_job, save_png, tile
 from webui.validation import number, parse_values
 
 NO_AXIS = "—"
-# axis name → (Job field, value type, bounds for numbers)
+# axis name → (Job field, value type, bounds for numbers); a cell's own checks then hold each value to its sampler's
+NOISE_RANGE = (min(KNOBS[name].low for name in NOISE_KNOBS), max(KNOBS[name].high for name in NOISE_KNOBS))
 AXES = {
     "sampler": ("sampler", str, None),
     "steps": ("steps", int, (1, MAX_STEPS)),
-    "guidance scale": ("guidance_scale", float, (-100, 100)),
-    "η / noise level": ("noise", float, (0, 1)),
+    "guidance scale": ("guidance_scale", float, (-MAX_GUIDANCE, MAX_GUIDANCE)),
+    "η / noise level": ("noise", float, NOISE_RANGE),
     "seed": ("seed", int, (0, MAX_SEED)),
     "model": ("model", str, None),
 }

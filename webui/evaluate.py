@@ -18,9 +18,10 @@ import gradio as gr
 import matplotlib
 import pandas
 
+from schedulers.registry import MAX_STEPS
 from webui import models, quality
 from webui.generate import stop as stop_session
-from webui.sampling import MAX_STEPS, STOP, Stopped, output_dir, parse_job
+from webui.sampling import STOP, Stopped, output_dir, parse_job
 from webui.validation import number, parse_values
 
 matplotlib.use("Agg")
@@ -62,8 +63,8 @@ def make_benchmark_handler(catalog: models.ModelCatalog):
         steps = parse_values("steps", steps_text, int, 1, MAX_STEPS, limit=8)
         samples = number("samples", samples, 20, quality.MAX_SAMPLES, integer=True)
         mode = "classifier-free" if "classifier-free" in models.guidance_modes(loaded.pipe) else "none"
-        jobs = [parse_job(catalog, model, sampler, n, 0.0, mode, guidance_scale, models.EVERY_CLASS, seed, 1, 0,
-                          models.DEFAULT_BACKEND) for sampler in samplers for n in steps]
+        jobs = [parse_job(catalog, model, sampler, n, None, mode, guidance_scale, models.EVERY_CLASS, seed, 1, 0,
+                          models.DEFAULT_BACKEND) for sampler in samplers for n in steps]  # noise: the default
         flag = STOP.begin(request)
 
         def on_step(i, x0):

@@ -12,10 +12,11 @@ import threading
 import gradio as gr
 
 import schedulers
+from schedulers.registry import MAX_STEPS
 from webui import models
 from webui.sampling import (
     MAX_BATCH,
-    MAX_STEPS,
+    NOISE_FIELD,
     STOP,
     Job,
     Stopped,
@@ -133,11 +134,16 @@ def model_updates(catalog: models.ModelCatalog, name):
             models.describe(loaded))
 
 
+def noise_settings(sampler: str | None) -> dict:
+    """The noise slider for ``sampler``, from its spec's noise knob: range, default, label; hidden without one."""
+    knob = schedulers.get_sampler(sampler).noise_knob if sampler else None
+    if knob is None:
+        return {"visible": False, "label": NOISE_FIELD}
+    return {"visible": True, "label": knob.label, "minimum": knob.low, "maximum": knob.high, "value": knob.default}
+
+
 def noise_update(sampler):
-    knob = models.noise_knob(sampler) if sampler else None
-    label = {"eta": "η (0: deterministic DDIM, 1: DDPM-like)",
-             "noise_level": "noise level λ (0: probability-flow ODE, 1: reverse SDE)"}.get(knob, "η / noise level")
-    return gr.update(visible=knob is not None, label=label)
+    return gr.update(**noise_settings(sampler))
 
 
 def build(catalog: models.ModelCatalog) -> dict:
@@ -159,7 +165,7 @@ def build(catalog: models.ModelCatalog) -> dict:
             w["sampler"] = gr.Dropdown(offered, value=models.default_sampler(offered), label="sampler",
                                        info="only the samplers that can drive this model")
             w["steps"] = gr.Slider(1, MAX_STEPS, value=25, step=1, label="steps")
-            w["noise"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="η / noise level")
+            w["noise"] = gr.Slider(step=0.05, **noise_settings(models.default_sampler(offered)))
             with gr.Row():
                 w["guidance_mode"] = gr.Dropdown(modes, value=modes[-1], label="guidance")
                 w["guidance_scale"] = gr.Slider(0.0, 20.0, value=2.0, step=0.5, label="guidance scale")
@@ -182,7 +188,6 @@ def build(catalog: models.ModelCatalog) -> dict:
             w["info"] = gr.Markdown(elem_id="generate-info")
             w["gallery"] = gr.Gallery(label="samples", columns=8, height=300, format="png")
             w["files"] = gr.File(label="download (PNG with the settings in its metadata)", file_count="multiple")
-    w["noise"].visible = models.noise_knob(models.default_sampler(offered)) is not None
     return w
 
 

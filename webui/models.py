@@ -7,7 +7,8 @@ each carries a lock, because its network (attention processors) and scheduler ar
 
 Everything the UI offers for a model is discovered, never listed by hand: samplers from the scheduler registry
 (``schedulers.samplers_for`` the process the model records), guidance modes from ``pipe.guidance_modes``, the
-η / noise-level knob from the sampler's signature, the keyword arguments from the pipeline's ``__call__``.
+η / noise-level knob from the sampler's spec (its range, default and label), the keyword arguments from the
+pipeline's ``__call__``.
 """
 
 from __future__ import annotations
@@ -148,16 +149,10 @@ def guidance_modes(pipe) -> list[str]:
 
 
 def noise_knob(sampler: str | None) -> str | None:
-    """Which stochasticity knob a sampler has: ``eta`` (a ``step`` argument, DDIM family), ``noise_level`` (a
-    config value, the reverse-SDE family: 0 is the ODE, 1 the reverse SDE), or None."""
-    if sampler is None:
-        return None
-    spec = schedulers.get_sampler(sampler)
-    if "eta" in inspect.signature(spec.scheduler_class.step).parameters:
-        return "eta"
-    if "noise_level" in inspect.signature(spec.scheduler_class.__init__).parameters:
-        return "noise_level"
-    return None
+    """The name of the stochasticity knob the sampler's spec declares: ``eta`` (a ``step`` argument, DDIM family),
+    ``noise_level`` (a config value, the reverse-SDE family: 0 is the ODE, 1 the reverse SDE), or None."""
+    knob = None if sampler is None else schedulers.get_sampler(sampler).noise_knob
+    return None if knob is None else knob.name
 
 
 def sample_shape(pipe) -> tuple[int, int, int]:

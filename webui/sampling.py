@@ -1,8 +1,10 @@
 """One generation request: checked settings (``Job``), the sampling run, Stop, and images with their settings.
 
 ``parse_job`` turns the raw widget values into a ``Job`` or raises ``gr.Error`` naming the bad field; the
-Generate, Compare and Evaluate tabs all go through it, so every check holds everywhere. ``run_job`` samples
-under the model's lock, calling ``on_step(i, x̂0)`` after each step (live previews, progress, Stop).
+Generate, Compare and Evaluate tabs all go through it, so every check holds everywhere. The sampler's checks
+(whether it fits the model, its knob's range, the step limit) are its spec's, their ``ValueError`` shown as the
+message. ``run_job`` samples under the model's lock, calling ``on_step(i, x̂0)`` after each step (live previews,
+progress, Stop).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import torch
 from diffusers.utils import make_image_grid
 
 import schedulers
+from pipelines.diffusion import MAX_GUIDANCE
+from schedulers.registry import MAX_STEPS
 from webui import models
-from webui.validation import batch_memory, choice, number
+from webui.validation import batch_memory, choice, number, user_error
 
-MAX_STEPS = 1000
+NOISE_FIELD = "η / noise level"  # the one widget (and Compare axis) for whichever noise knob the sampler has
 MAX_BATCH = 64
 MAX_SEED = 2**63 - 1
-MAX_GUIDANCE = 100.0
 MAX_RESOLUTION = 512
 GRID_SIDE = 512  # pixels: small images are scaled up (nearest neighbour) so a grid is readable
 
@@ -43,7 +46,7 @@ class Job:
     model: str
     sampler: str | None
     steps: int
-    noise: float | None  # η or the noise level λ, when the sampler has one
+    noise: float | None  # the value of the sampler's noise knob (η or the noise level λ), when it has one
     guidance_mode: str
     guidance_scale: float
     class_name: str
@@ -70,20 +73,21 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
     """Check every setting against the model; ``gr.Error`` names the first bad one."""
     loaded = catalog.load(model)
     pipe = loaded.pipe
-    offered = models.samplers(loaded)
     if loaded.scheduler_config is not None:
-        if sampler not in schedulers.SAMPLERS:
+        if not isinstance(sampler, str):
             raise gr.Error(f"unknown sampler {sampler!r}")
-        if sampler not in offered:
-            spec = schedulers.get_sampler(sampler)
-            why = (f"it cannot drive a model trained on the {models.process(pipe)!r} process"
-                   if not spec.drives(models.process(pipe)) else f"it needs {', '.join(spec.requires)} from the model")
-            raise gr.Error(f"sampler {sampler} does not fit {model}: {why}")
+        spec = user_error(schedulers.get_sampler, sampler)
+        user_error(spec.check_fits, models.process(pipe), loaded.scheduler_config, model)
         steps = number("steps", steps, 1, MAX_STEPS, integer=True)
+        knob = spec.noise_knob
+        if knob is None:
+            noise = None
+        elif noise is None:  # left unset (the Evaluate tab): the sampler's own default
+            noise = knob.default
+        else:
+            noise = user_error(knob.check, noise, NOISE_FIELD)
     else:
-        sampler, steps = None, 1  # one network evaluation: a GAN or a VAE decoder
-    knob = models.noise_knob(sampler)
-    noise = None if knob is None else number("η / noise level", noise, 0.0, 1.0)
+        sampler, steps, noise = None, 1, None  # one network evaluation: a GAN or a VAE decoder
     guidance_mode = choice("guidance mode", guidance_mode, models.guidance_modes(pipe))
     guidance_scale = number("guidance scale", guidance_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
     class_name = choice("class", class_name, models.class_choices(pipe))
@@ -110,7 +114,7 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
                backend, reference)
 
 
-def _call_arguments(job: Job, loaded: models.LoadedModel, on_step) -> dict:
+def _call_arguments(job: Job, loaded: models.LoadedModel, on_step, step_knobs: dict) -> dict:
     pipe = loaded.pipe
     choices = models.class_choices(pipe)
     if job.class_name == models.UNCONDITIONAL:
@@ -121,8 +125,7 @@ def _call_arguments(job: Job, loaded: models.LoadedModel, on_step) -> dict:
         labels = choices.index(job.class_name) - 2
     accepted = models.call_parameters(pipe)
     kwargs = {"batch_size": job.batch, "num_inference_steps": job.steps, "class_labels": labels,
-              "generator": torch.Generator().manual_seed(job.seed), "output_type": "pil",
-              "eta": job.noise if models.noise_knob(job.sampler) == "eta" else None}
+              "generator": torch.Generator().manual_seed(job.seed), "output_type": "pil", **step_knobs}
     if job.resolution:
         kwargs.update(height=job.resolution, width=job.resolution)
     if accepted is None or "guidance_mode" in accepted:
@@ -147,13 +150,14 @@ def run_job(catalog: models.ModelCatalog, job: Job, on_step=None) -> Result:
     pipe = loaded.pipe
     with loaded.lock:
         try:
+            step_knobs = {}
             if job.sampler is not None:
-                spec = schedulers.get_sampler(job.sampler)
-                overrides = {"noise_level": job.noise} if models.noise_knob(job.sampler) == "noise_level" else {}
-                pipe.scheduler = spec.create(loaded.scheduler_config, **overrides)
+                knob = models.noise_knob(job.sampler)
+                step_knobs = pipe.set_sampler(job.sampler, {} if knob is None else {knob: job.noise},
+                                              loaded.scheduler_config)
             models.set_attention_backend(pipe, job.backend)
             start = time.perf_counter()
-            out = pipe(**_call_arguments(job, loaded, on_step))
+            out = pipe(**_call_arguments(job, loaded, on_step, step_knobs))
             seconds = time.perf_counter() - start
         except (Stopped, gr.Error):
             raise

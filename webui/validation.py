@@ -13,23 +13,25 @@ from pathlib import Path
 
 import gradio as gr
 
+from schedulers.registry import check_range
+
 # Values in one request's batch (images × channels × height × width): 64 RGB images at 64×64 is 786k. A CPU
 # sampler's memory grows with it (the UNet's activations); above it a request is refused instead of swapping.
 MAX_BATCH_VALUES = 1 << 20
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def user_error(check, *args):
+    """``check(*args)``, its ValueError turned into the message the page shows."""
+    try:
+        return check(*args)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+
+
 def number(name: str, value, low: float, high: float, integer: bool = False) -> float | int:
     """``value`` as a finite number in [low, high] (an int when ``integer``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise gr.Error(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise gr.Error(f"{name} must be a finite number, got {value}")
-    if integer and value != int(value):
-        raise gr.Error(f"{name} must be a whole number, got {value}")
-    if not low <= value <= high:
-        raise gr.Error(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
-    return int(value) if integer else float(value)
+    return user_error(check_range, name, value, low, high, integer)
 
 
 def choice(name: str, value, choices: Sequence[str]) -> str:
