@@ -30,8 +30,8 @@ from diffusers.utils.torch_utils import randn_tensor
 import evaluation.exact  # noqa: F401, E402
 import models.classifier  # noqa: F401, E402
 import schedulers  # noqa: F401, E402
-from schedulers.model_adapters import make_model_adapter
-from schedulers.process import PREDICTION_TYPES, VPSchedule
+from schedulers.process import PREDICTION_TYPES
+from schedulers.processes import sigma_process
 
 from .guidance import CLASSIFIER_MODES, Guidance, classifier_guided_output
 
@@ -118,8 +118,8 @@ class DiffusionImagePipeline(DiffusionPipeline):
         return lambda x: self.unet(x, timestep, class_labels=labels).sample
 
     def model_adapter(self):
-        """How the model's inputs relate to σ-space (``schedulers/model_adapters.py``), from its scheduler."""
-        return make_model_adapter(self.scheduler.config, VPSchedule.from_config(self.scheduler.config))
+        """How the model's inputs relate to σ-space (its ``schedulers.processes`` σ-space map), from its scheduler."""
+        return sigma_process(self.scheduler.config)
 
     def guided_model_output(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None,
                             guidance: Guidance | float) -> tuple[torch.Tensor, int]:

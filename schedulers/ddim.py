@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .analytic import analytic_extra_variance, analytic_last_std_cap
 from .base import VPScheduler
 from .process import to_x0_and_epsilon
+from .processes import SCHEDULE_DEFAULTS, takes_process_config
 from .registry import register
 
 
@@ -63,17 +64,12 @@ class DDIMScheduler(VPScheduler):
     """
 
     @register_to_config
+    @takes_process_config(SCHEDULE_DEFAULTS)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
         clip_sample: bool = True,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
-        prediction_type: str = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
@@ -89,8 +85,9 @@ class DDIMScheduler(VPScheduler):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if analytic_clip_pixels < 0:
             raise ValueError(f"analytic_clip_pixels must be ≥ 0 (0: no cap), got {analytic_clip_pixels}")
-        if eps_second_moment is not None and len(eps_second_moment) != num_train_timesteps:
-            raise ValueError(f"eps_second_moment needs one value per training timestep ({num_train_timesteps}), "
+        if eps_second_moment is not None and len(eps_second_moment) != self.config.num_train_timesteps:
+            raise ValueError(f"eps_second_moment needs one value per training timestep "
+                             f"({self.config.num_train_timesteps}), "
                              f"got {len(eps_second_moment)}")
         self._init_schedule()
         if not set_alpha_to_one:  # diffusers: the run ends at ᾱ_0² instead of on the data

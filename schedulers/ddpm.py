@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .base import VPScheduler
+from .processes import SCHEDULE_DEFAULTS, takes_process_config
 from .registry import register
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -46,16 +47,11 @@ class DDPMScheduler(VPScheduler):
     """
 
     @register_to_config
+    @takes_process_config(SCHEDULE_DEFAULTS)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
         variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small",
         clip_sample: bool = True,
-        prediction_type: str = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
