@@ -1,18 +1,23 @@
-"""The one ancestral step in σ-space, which DDPM, DDIM and Analytic-DPM all take (k-diffusion's ``get_ancestral_step``).
+"""The one ancestral step that DDPM, DDIM and Analytic-DPM all take (k-diffusion's ``get_ancestral_step`` + Euler).
 
 On x = x0 + σ ε with the denoiser's guess D = x̂0 and ε̂ = (x − D)/σ, a step to the noise level σ' keeps the
-marginal N(x0, σ'²) by splitting σ'² into a deterministic part σ_down² and fresh noise σ_up²:
+marginal N(x0, σ'²) by splitting σ'² into a part σ_down² kept from ε̂ and fresh noise σ_up²:
 
     x' = D + σ_down ε̂ + σ_up z,        σ_down² + σ_up² = σ'²        (DDIM eq. 12 divided by ᾱ')
 
-Each sampler only chooses σ_up (Su parts 2–4, 7):
+A discrete VP scheduler keeps its state as x_t = ᾱ_t (x0 + σ_t ε) (so that it drops into diffusers' pipelines)
+and takes the same step multiplied by ᾱ': x' = ᾱ' x̂0 + sqrt(β̄'² − σ_t²) ε̂ + σ_t z, with σ_t = ᾱ' σ_up the
+noise in its own units. Each sampler only chooses σ_up (Su parts 2–4, 7):
 
-* DDIM's η family (Song et al. 2021, eq. 16): σ_up = η σ' sqrt(σ² − σ'²)/σ (``ancestral_sigmas``); η = 1 is DDPM's
-  posterior (``fixed_small``), η = 0 the probability-flow Euler step;
-* σ_t = β_t, the jump's own per-step noise, is σ_up = β_t/ᾱ' (``jump_sigma``; Su part 4, DDPM's ``fixed_large``);
-* Analytic-DPM adds the x̂0 uncertainty to σ_up (``analytic.analytic_sigma_up``).
+* DDIM's η family (Song et al. 2021, eq. 16): σ_t = η β̄'/β̄ sqrt(1 − ᾱ²/ᾱ'²), i.e. σ_up = η σ' sqrt(σ² − σ'²)/σ
+  (``eta_noise``); η = 1 is DDPM's posterior (``fixed_small``), η = 0 the probability-flow Euler step;
+* the jump's own per-step noise σ_t = β_t = sqrt(1 − ᾱ²/ᾱ'²), i.e. σ_up = β_t/ᾱ' (``jump_noise``; Su part 4's
+  σ_t = β_t, and DDPM's ``fixed_large``, which keeps η = 1's σ_down);
+* Analytic-DPM inflates σ_up by the x̂0 uncertainty and keeps σ_down (``analytic.analytic_noise``).
 
-A discrete VP scheduler keeps its state as x_vp = ᾱ x (``scale``), so that it drops into diffusers' pipelines.
+The families are written on the schedule's ᾱ² (diffusers' ``alphas_cumprod``) rather than on σ: a random UNet makes
+1000-step DDIM chaotic (a 1e-15 change of x_T moves the result by 0.35), so matching diffusers' trajectories
+(tests/test_diffusers_parity.py) needs its coefficients to the last bit, and σ = β̄/ᾱ rounds them differently.
 """
 
 from __future__ import annotations
@@ -20,33 +25,33 @@ from __future__ import annotations
 import torch
 
 
-def ancestral_step(denoised: torch.Tensor, eps: torch.Tensor, sigma_down, sigma_up, noise: torch.Tensor | None = None,
-                   scale=1.0) -> torch.Tensor:
-    """s' (D + σ_down ε̂ + σ_up z): the step onto σ' in a state kept as s' (x0 + σ' ε) (s' = 1: σ-space; VP: ᾱ').
+def ancestral_step(denoised: torch.Tensor, eps: torch.Tensor, scale, variance, noise_std, noise=None,
+                   kept_std=None) -> torch.Tensor:
+    """x' = s' x̂0 + kept · ε̂ + noise_std · z onto a state x' = s' x0 + noise of variance ``variance``.
 
-    The coefficients s', s' σ_down and s' σ_up are formed in float64, so each term touches the state once.
-    ``noise=None`` is σ_up = 0.
+    σ-space: s' = 1, variance σ'², noise_std σ_up, kept σ_down. VP: s' = ᾱ', variance β̄'² = 1 − ᾱ'². ``kept_std``
+    defaults to sqrt(variance − noise_std²), the split that keeps the marginal; samplers that add noise on top of
+    it (``fixed_large``, Analytic-DPM) pass the kept part themselves. ``noise=None`` adds none. The coefficients are
+    float64, so each term touches the state once.
     """
-    scale = torch.as_tensor(scale, dtype=torch.float64)
-    x = scale.to(denoised.dtype) * denoised + (scale * sigma_down).to(denoised.dtype) * eps
+    if kept_std is None:
+        kept_std = kept_noise(variance, noise_std)
+    x = scale.to(denoised.dtype) * denoised + kept_std.to(denoised.dtype) * eps
     if noise is not None:
-        x = x + (scale * sigma_up).to(denoised.dtype) * noise
+        x = x + noise_std.to(denoised.dtype) * noise
     return x
 
 
-def down_sigma(sigma_next, sigma_up) -> torch.Tensor:
-    """σ_down = sqrt(σ'² − σ_up²), the part of σ' the step keeps from ε̂ (0 where σ_up reaches σ')."""
-    return (torch.as_tensor(sigma_next, dtype=torch.float64) ** 2 - sigma_up**2).clamp(min=0).sqrt()
+def kept_noise(variance, noise_std) -> torch.Tensor:
+    """sqrt(variance − noise_std²): σ_down (times s'), the part of the next state's noise kept from ε̂."""
+    return (variance - noise_std**2).clamp(min=0).sqrt()
 
 
-def ancestral_sigmas(sigma, sigma_next, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ_down, σ_up) of DDIM's η family: σ_up = η σ' sqrt(σ² − σ'²)/σ (k-diffusion's ``get_ancestral_step``)."""
-    sigma, sigma_next = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma, sigma_next))
-    sigma_up = eta * sigma_next * (sigma**2 - sigma_next**2).clamp(min=0).sqrt() / sigma
-    return down_sigma(sigma_next, sigma_up), sigma_up
+def eta_noise(acp: torch.Tensor, acp_next: torch.Tensor, eta: float) -> torch.Tensor:
+    """σ_t = η sqrt((β̄'²/β̄²)(1 − ᾱ²/ᾱ'²)) of a jump from ᾱ² to ᾱ'² (DDIM eq. 16; k-diffusion's σ_up times ᾱ')."""
+    return eta * ((1 - acp_next) / (1 - acp) * (1 - acp / acp_next)).sqrt()
 
 
-def jump_sigma(sigma, sigma_next) -> torch.Tensor:
-    """β_t/ᾱ' of the VP jump from σ to σ': its per-step noise β_t² = 1 − ᾱ²/ᾱ'², seen in σ-space (ᾱ² = 1/(1 + σ²))."""
-    sigma, sigma_next = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma, sigma_next))
-    return ((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)).clamp(min=0).sqrt()
+def jump_noise(acp: torch.Tensor, acp_next: torch.Tensor) -> torch.Tensor:
+    """β_t = sqrt(1 − ᾱ²/ᾱ'²), the per-step noise of the VP jump from ᾱ² to ᾱ'²."""
+    return (1 - acp / acp_next).sqrt()
