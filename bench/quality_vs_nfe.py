@@ -16,7 +16,7 @@ expensive: the reference) and ``real_fid_floor`` (250 real held-out digits again
 The default samplers are one per family and order: ``ddpm`` (ancestral; its own curve runs into the reference),
 ``ddim`` (η = 0, the shipped scheduler, which is also the exponential-integrator Euler step), ``analytic-ddpm``
 (DDPM with Analytic-DPM's optimal variance, Bao et al. 2022: the fix for few-step ancestral sampling; the model
-ships no E‖ε_θ‖²/d table, so it is estimated here on the train split as ``python -m schedulers.analytic``
+ships no E‖ε_θ‖²/d table, so it is estimated here on the train split as ``python -m evaluation.analytic_table``
 does, and the seconds it took are recorded), ``heun`` (second-order probability-flow ODE, two evaluations per
 step), ``dpmpp-2m`` (multistep DPM-Solver++, Lu et al. 2022) and ``sde-euler-maruyama`` (the reverse SDE,
 Song et al. 2021). Euler and DPM-Solver++ 3M are left out by default: Euler is DDIM on another σ grid, 3M a
@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
 from bench.common import machine_info, write_results  # noqa: E402
+from evaluation.analytic_table import pipeline_eps_second_moment  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge, real_fid_floor  # noqa: E402
 from evaluation.metrics import compute_metrics  # noqa: E402
 from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
-from schedulers.analytic import pipeline_eps_second_moment  # noqa: E402
 from schedulers.registry import steps_within  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLERS = ("ddpm", "ddim", "analytic-ddpm", "heun", "dpmpp-2m", "sde-euler-maruyama")
 NFES = (5, 10, 20, 50)
 REFERENCE_SAMPLER, REFERENCE_STEPS = "ddpm", 1000
-# E‖ε_θ‖²/d: measured timesteps × images per timestep (python -m schedulers.analytic's defaults; --quick: coarse)
+# E‖ε_θ‖²/d: measured timesteps × images per timestep (python -m evaluation.analytic_table's defaults; --quick: coarse)
 ANALYTIC_TABLE, QUICK_ANALYTIC_TABLE = (100, 160), (10, 20)
 QUICK = {"samples": 20, "nfe": [5, 10], "samplers": ["ddim", "analytic-ddpm", "heun"], "reference_steps": 50}
 BIAS_NOTE = ("feature-FID from N samples is biased upward, more for smaller N: rows are comparable only at equal N "

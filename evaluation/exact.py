@@ -24,8 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from schedulers.model_adapters import make_model_adapter
 from schedulers.process import VPSchedule, expand_to, make_betas, target_from_x0_and_epsilon, to_x0_and_epsilon
+from schedulers.processes import sigma_process
 
 
 class GaussianMixture:
@@ -227,7 +227,7 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
         self.register_buffer("iso_var", torch.ones(num_components, dtype=torch.float64))
         self.register_buffer("classes", torch.arange(num_components) % max(self.num_classes, 1))
         self.schedule = VPSchedule(make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end))
-        self.adapter = make_model_adapter(self.config, self.schedule)  # timestep → (ᾱ, β̄) of the input state
+        self.process = sigma_process(self.config)  # timestep → (ᾱ, β̄) of the input state
 
     @property
     def num_classes(self) -> int:
@@ -257,7 +257,7 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(len(sample)).cpu()
-        alpha, beta = self.adapter.coefficients(t)
+        alpha, beta = self.process.coefficients(t)
         x = sample.cpu().double()  # differentiable: likelihood and guidance take gradients through it
         x_ve = x / expand_to(alpha, x)  # the VE state x0 + σ ε, σ = β̄/ᾱ
         labels = None if class_labels is None else torch.as_tensor(class_labels).cpu()

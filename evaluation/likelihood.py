@@ -34,8 +34,8 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
-from schedulers.model_adapters import VPModelAdapter
 from schedulers.process import VPSchedule
+from schedulers.processes import VPProcess
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # D(x_ve, σ) → E[x0 | x_ve]
 
@@ -51,7 +51,7 @@ class LikelihoodResult:
 def vp_denoiser(model, schedule: VPSchedule, prediction_type: str, class_labels=None) -> Denoiser:
     """D(x_ve, σ) for a model trained on a discrete VP process."""
     kwargs = {} if class_labels is None else {"class_labels": class_labels}
-    adapter = VPModelAdapter(prediction_type, schedule)
+    adapter = VPProcess(prediction_type, schedule)
 
     def denoise(x_ve: torch.Tensor, sigma: float) -> torch.Tensor:
         return adapter.denoise(lambda x, t: model(x.to(model.dtype), t, **kwargs).sample, x_ve, sigma)

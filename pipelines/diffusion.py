@@ -24,8 +24,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from schedulers.model_adapters import make_model_adapter
-from schedulers.process import PREDICTION_TYPES, VPSchedule
+from schedulers.process import PREDICTION_TYPES
+from schedulers.processes import sigma_process
 from schedulers.registry import MAX_STEPS, check_range, get_sampler, step_knobs
 
 from .guidance import CLASSIFIER_MODES, Guidance, classifier_guided_output
@@ -114,8 +114,8 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         return lambda x: self.unet(x, timestep, class_labels=labels).sample
 
     def model_adapter(self):
-        """How the model's inputs relate to σ-space (``schedulers/model_adapters.py``), from its scheduler."""
-        return make_model_adapter(self.scheduler.config, VPSchedule.from_config(self.scheduler.config))
+        """How the model's inputs relate to σ-space (its ``schedulers.processes`` σ-space map), from its scheduler."""
+        return sigma_process(self.scheduler.config)
 
     def guided_model_output(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None,
                             guidance: Guidance | float) -> tuple[torch.Tensor, int]:

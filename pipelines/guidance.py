@@ -2,7 +2,7 @@
 
 Every scheduler, ancestral, DDIM, SDE or ODE, reads the network's answer at (x_t, t) and nothing else about the
 model, so guidance that rewrites that answer works with all of them through one pipeline argument. With the
-network input x_t = ᾱ x0 + β̄ ε (any process, through its ``ModelAdapter``), the score is ∇ log p(x_t) = −ε/β̄,
+network input x_t = ᾱ x0 + β̄ ε (any process, through its ``SigmaProcess``), the score is ∇ log p(x_t) = −ε/β̄,
 and Bayes' rule ∇ log p(x_t | y) = ∇ log p(x_t) + ∇ log p(y | x_t) gives the guided noise prediction
 
     ε̃ = ε_θ(x_t) − β̄_t γ ∇_{x_t} log p(y | x_t)                (Su part 9; Dhariwal & Nichol 2021, Alg. 2)
@@ -32,8 +32,8 @@ from functools import cached_property
 
 import torch
 
-from schedulers.model_adapters import ModelAdapter, VPModelAdapter
 from schedulers.process import convert, expand_to
+from schedulers.processes import SigmaProcess, VPProcess
 
 GUIDANCE_MODES = ("none", "classifier-free", "classifier", "classifier-x0", "similarity")
 CLASSIFIER_MODES = ("classifier", "classifier-x0", "similarity")
@@ -49,7 +49,7 @@ class Guidance:
     interval: tuple[float, float] | None = None
     classifier: torch.nn.Module | None = None
     reference_features: torch.Tensor | None = None
-    model_adapter: ModelAdapter | None = None
+    model_adapter: SigmaProcess | None = None
 
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:
@@ -64,7 +64,7 @@ class Guidance:
             raise ValueError(f"guidance_mode {self.mode!r} needs a classifier: load the pipeline with "
                              f"classifier=... (e.g. checkpoints/mnist-noisy-classifier)")
 
-    def active_at(self, adapter: ModelAdapter | None, timestep) -> bool:
+    def active_at(self, adapter: SigmaProcess | None, timestep) -> bool:
         """Whether to guide at the model's ``timestep``: inside ``interval`` (in σ), or always without one."""
         if self.interval is None:
             return True
@@ -72,9 +72,9 @@ class Guidance:
         return self.interval[0] <= sigma <= self.interval[1]
 
     @cached_property
-    def classifier_adapter(self) -> VPModelAdapter:
+    def classifier_adapter(self) -> VPProcess:
         """How the noisy classifier sees σ-space: the VP process of its inputs (its ``schedule``)."""
-        return VPModelAdapter("epsilon", self.classifier.schedule)
+        return VPProcess("epsilon", self.classifier.schedule)
 
 
 def classifier_input(guidance: Guidance, x_model: torch.Tensor, alpha, beta) -> tuple[torch.Tensor, torch.Tensor]:

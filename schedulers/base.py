@@ -1,7 +1,9 @@
-"""What every discrete-time VP scheduler shares: the training schedule, the inference grid, decoding outputs.
+"""What every discrete-time VP scheduler shares: the training schedule, the inference grid, decoding outputs,
+and the diffusers adapter over the σ-space ancestral step (``ancestral.py``).
 
 Subclasses are diffusers schedulers (``SchedulerMixin`` + ``ConfigMixin``): they declare their config with
-``@register_to_config`` and call ``self._init_schedule()``; their ``step`` is the few lines of their paper.
+``@register_to_config`` and call ``self._init_schedule()``; their ``step`` picks the step's noise, the few lines
+of their paper, and hands it to ``ancestral_step``.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
+from .ancestral import ancestral_step
 from .process import VPSchedule, expand_to, spaced_timesteps, target_from_x0_and_epsilon, to_x0_and_epsilon
 
 
 class VPScheduler(SchedulerMixin, ConfigMixin):
     """Base of the schedulers that walk a discrete VP process (DDPM's ``alphas_cumprod`` table) backwards.
 
-    The sample is kept in the model's own space (x_t = ᾱ_t x0 + β̄_t ε), so ``scale_model_input`` is the
-    identity and ``init_noise_sigma`` is 1: the scheduler drops into diffusers' ``DDPMPipeline`` unchanged.
+    Each step is the σ-space ancestral step on x_ve = x_t/ᾱ_t = x0 + σ_t ε multiplied by ᾱ': the sample stays in
+    the model's own space (x_t = ᾱ_t x0 + β̄_t ε), so ``scale_model_input`` is the identity and ``init_noise_sigma``
+    is 1: the scheduler drops into diffusers' ``DDPMPipeline`` unchanged, with integer timesteps.
     """
 
     order = 1
@@ -87,10 +92,15 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
         return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
 
     def alpha_cumprod_at(self, timestep: int) -> torch.Tensor:
-        """ᾱ² of a grid point, float64; −1 stands for the end of the run."""
+        """ᾱ² of a grid point, float64; −1 stands for the end of the run (1, or ᾱ_0² without ``set_alpha_to_one``)."""
         if timestep < 0:
             return torch.tensor(self._final_alpha_cumprod, dtype=torch.float64)
-        return self.alphas_cumprod[timestep].double()
+        return self.schedule.alpha_cumprod(int(timestep))
+
+    def coefficients_at(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ᾱ, β̄) of a grid point, float64; −1 stands for the end of the run."""
+        acp = self.alpha_cumprod_at(timestep)
+        return acp.sqrt(), (1 - acp).sqrt()
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -102,9 +112,27 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
 
         ε̂ is the unclipped model's; callers that want ε̂ consistent with the clipped x̂0 recompute it.
         """
-        acp = self.alpha_cumprod_at(int(timestep))
-        x0, eps = to_x0_and_epsilon(self.config.prediction_type, model_output, sample, acp.sqrt(), (1 - acp).sqrt())
+        alpha, beta = self.coefficients_at(int(timestep))
+        x0, eps = to_x0_and_epsilon(self.config.prediction_type, model_output, sample, alpha, beta)
         return self._clip(x0), eps
+
+    def epsilon_of(self, x0: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
+        """ε̂ = (x_t − ᾱ x̂0)/β̄: the noise consistent with a (clipped) x̂0 at ``timestep``."""
+        alpha, beta = self.coefficients_at(int(timestep))
+        return to_x0_and_epsilon("sample", x0, sample, alpha, beta)[1]
+
+    def ancestral_step(self, x0: torch.Tensor, eps: torch.Tensor, prev_timestep: int, noise_std,
+                       model_output: torch.Tensor, generator=None, variance_noise=None, kept_std=None) -> torch.Tensor:
+        """The ancestral step onto the grid point ``prev_timestep`` in the model's own space,
+        x' = ᾱ' x̂0 + sqrt(β̄'² − σ_t²) ε̂ + σ_t z (``ancestral.ancestral_step``; σ_t = ``noise_std``). Noise
+        (``variance_noise``, or drawn like ``model_output``) only where σ_t > 0."""
+        noise = None
+        if noise_std > 0:
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        acp_next = self.alpha_cumprod_at(prev_timestep)
+        return ancestral_step(x0, eps, acp_next.sqrt(), 1 - acp_next, torch.as_tensor(noise_std, dtype=torch.float64),
+                              noise, kept_std)
 
     def _clip(self, x0: torch.Tensor) -> torch.Tensor:
         if self.config.thresholding:
@@ -116,8 +144,8 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
     # ---------------------------------------------------------------- training-time helpers (diffusers API)
 
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor):
-        acp = self.alphas_cumprod.to(like.device)[timesteps.to(like.device)]
-        return expand_to(acp.sqrt(), like), expand_to((1 - acp).sqrt(), like)
+        alpha, beta = self.schedule.coefficients(timesteps.cpu())
+        return expand_to(alpha.to(like.device), like), expand_to(beta.to(like.device), like)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """x_t = ᾱ_t x0 + β̄_t ε (Su part 1; DDPM eq. 4)."""

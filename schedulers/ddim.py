@@ -3,12 +3,15 @@
 Keeping only the marginals p(x_t | x0) = N(ᾱ_t x0, β̄_t² I) fixed, the step from grid point t to the next
 one t' may use any noise level σ_t ≤ β̄' (Su part 4; DDIM eq. 12):
 
-    x' = ᾱ' x̂0 + sqrt(β̄'² − σ_t²) ε̂ + σ_t z.
+    x' = ᾱ' x̂0 + sqrt(β̄'² − σ_t²) ε̂ + σ_t z,
 
-``sigma_type="eta"``: σ_t = η β̄'/β̄ · sqrt(1 − ᾱ²/ᾱ'²), the DDIM paper's family; η = 1 is DDPM in
-distribution, η = 0 the deterministic DDIM ODE solver (Euler in σ = β̄/ᾱ, Su part 4).
+which divided by ᾱ' is the σ-space ancestral step x' = x̂0 + σ_down ε̂ + σ_up z of ``ancestral.py``, with
+σ_up = σ_t/ᾱ' and σ_down = sqrt(σ'² − σ_up²); the scheduler takes it in its own units (``VPScheduler.ancestral_step``).
+
+``sigma_type="eta"``: σ_t = η β̄'/β̄ · sqrt(1 − ᾱ²/ᾱ'²), the DDIM paper's family, i.e. σ_up = η σ' sqrt(σ² − σ'²)/σ;
+η = 1 is DDPM in distribution, η = 0 the deterministic DDIM ODE solver (Euler in σ = β̄/ᾱ, Su part 4).
 ``sigma_type="beta"``: σ_t = η sqrt(1 − ᾱ²/ᾱ'²), i.e. σ_t = β_t at η = 1, which Su reports "also works well";
-clamped to β̄' where it would exceed it (on the last step, into the data).
+clamped to β̄' (σ_up to σ') where it would exceed it (on the last step, into the data).
 Both use the jump's own ᾱ, ᾱ', so any subsequence τ of the training steps works (DDIM §4.2).
 """
 
@@ -20,21 +23,20 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
-from diffusers.utils.torch_utils import randn_tensor
 
-from .analytic import analytic_extra_variance, analytic_last_std_cap
+from .analytic import analytic_last_std_cap, analytic_noise
+from .ancestral import eta_noise, jump_noise, kept_noise
 from .base import VPScheduler
-from .process import to_x0_and_epsilon
+from .processes import SCHEDULE_DEFAULTS, takes_process_config
 from .registry import register
 
 
 def ddim_sigma(acp: torch.Tensor, acp_prev: torch.Tensor, eta: float, sigma_type: str) -> torch.Tensor:
-    """σ_t of a DDIM jump from ᾱ² to ᾱ'², for ``sigma_type`` "eta" (Song et al. 2021 eq. 16) or "beta" (Su)."""
-    beta_sq = 1 - acp / acp_prev
+    """σ_t (= ᾱ' σ_up) of a DDIM jump from ᾱ² to ᾱ'², ``sigma_type`` "eta" (Song et al. 2021 eq. 16) or "beta" (Su)."""
     if sigma_type == "eta":
-        return eta * ((1 - acp_prev) / (1 - acp) * beta_sq).sqrt()
+        return eta_noise(acp, acp_prev, eta)
     if sigma_type == "beta":
-        return torch.minimum(eta * beta_sq.sqrt(), (1 - acp_prev).sqrt())
+        return torch.minimum(eta * jump_noise(acp, acp_prev), (1 - acp_prev).sqrt())
     raise ValueError(f"sigma_type must be 'eta' or 'beta', got {sigma_type!r}")
 
 
@@ -63,17 +65,12 @@ class DDIMScheduler(VPScheduler):
     """
 
     @register_to_config
+    @takes_process_config(SCHEDULE_DEFAULTS)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
         clip_sample: bool = True,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
-        prediction_type: str = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
@@ -89,8 +86,9 @@ class DDIMScheduler(VPScheduler):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if analytic_clip_pixels < 0:
             raise ValueError(f"analytic_clip_pixels must be ≥ 0 (0: no cap), got {analytic_clip_pixels}")
-        if eps_second_moment is not None and len(eps_second_moment) != num_train_timesteps:
-            raise ValueError(f"eps_second_moment needs one value per training timestep ({num_train_timesteps}), "
+        if eps_second_moment is not None and len(eps_second_moment) != self.config.num_train_timesteps:
+            raise ValueError(f"eps_second_moment needs one value per training timestep "
+                             f"({self.config.num_train_timesteps}), "
                              f"got {len(eps_second_moment)}")
         self._init_schedule()
         if not set_alpha_to_one:  # diffusers: the run ends at ᾱ_0² instead of on the data
@@ -114,24 +112,18 @@ class DDIMScheduler(VPScheduler):
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         prev_t = self.previous_timestep(timestep)
-        acp, acp_prev = self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t)
         x0, eps = self.predict_x0_and_epsilon(model_output, timestep, sample)
         if use_clipped_model_output:
-            _, eps = to_x0_and_epsilon("sample", x0, sample, acp.sqrt(), (1 - acp).sqrt())
-
-        std = ddim_sigma(acp, acp_prev, eta, self.config.sigma_type)
-        direction = (1 - acp_prev - std**2).clamp(min=0).sqrt()
-        prev_sample = acp_prev.sqrt().to(sample.dtype) * x0 + direction.to(sample.dtype) * eps
+            eps = self.epsilon_of(x0, timestep, sample)
+        acp, acp_prev = self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t)
+        std, kept = ddim_sigma(acp, acp_prev, eta, self.config.sigma_type), None
         if self.config.eps_second_moment is not None and prev_t >= 0:  # Analytic-DPM, no noise onto the data
-            moment = self.config.eps_second_moment[int(timestep)]
-            std = (std**2 + analytic_extra_variance(acp, acp_prev, std, moment)).sqrt()
+            kept = kept_noise(1 - acp_prev, std)  # the mean stays DDIM's
+            alpha, beta = self.coefficients_at(int(timestep))
+            std = analytic_noise(std, kept, acp_prev.sqrt(), beta / alpha, self.config.eps_second_moment[int(timestep)])
             if self.previous_timestep(prev_t) < 0 and self.config.analytic_clip_pixels > 0:
                 std = std.clamp(max=analytic_last_std_cap(self.config.analytic_clip_pixels))
-        if std > 0:
-            if variance_noise is None:
-                variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                              dtype=model_output.dtype)
-            prev_sample = prev_sample + std.to(sample.dtype) * variance_noise
+        prev_sample = self.ancestral_step(x0, eps, prev_t, std, model_output, generator, variance_noise, kept)
 
         if not return_dict:
             return prev_sample, x0
@@ -150,7 +142,7 @@ class DDIMScheduler(VPScheduler):
 
     def inversion_step(self, model_output: torch.Tensor, model_timestep: int, to_timestep: int,
                        sample: torch.Tensor) -> torch.Tensor:
-        """The deterministic DDIM update run upwards: x_to = ᾱ_to x̂0 + β̄_to ε̂ (Song et al. 2021, §4.3)."""
+        """The deterministic DDIM update run upwards: x_to = ᾱ_to x̂0 + β̄_to ε̂ (Song et al. 2021, §4.3), the
+        ancestral step with no fresh noise."""
         x0, eps = self.predict_x0_and_epsilon(model_output, model_timestep, sample)
-        acp_to = self.alpha_cumprod_at(int(to_timestep))
-        return acp_to.sqrt().to(sample.dtype) * x0 + (1 - acp_to).sqrt().to(sample.dtype) * eps
+        return self.ancestral_step(x0, eps, int(to_timestep), 0.0, model_output)

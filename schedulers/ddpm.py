@@ -1,13 +1,14 @@
-"""DDPM ancestral sampling (Ho et al. 2020; Su, "生成扩散模型漫谈" parts 1–3).
+"""DDPM ancestral sampling (Ho et al. 2020; Su, "生成扩散模型漫谈" parts 1–3) as a σ-space ancestral step.
 
 With ᾱ, β̄ at the current grid point, ᾱ', β̄' at the next one, and the jump's α_t = ᾱ/ᾱ', β_t² = 1 − α_t²,
 the posterior of Su part 3 is
 
     p(x' | x_t, x0) = N( (ᾱ' β_t²/β̄²) x0 + (α_t β̄'²/β̄²) x_t ,  (β̄'² β_t²/β̄²) I ),
 
-and DDPM samples it with x0 replaced by the model's x̂0. The variance is either that posterior
-variance (``fixed_small``, exact when the data is a single point) or β_t² (``fixed_large``, exact when
-the data is N(0, I)); Su part 2 derives both.
+and DDPM samples it with x0 replaced by the model's x̂0. Divided by ᾱ', it is the ancestral step
+x' = x̂0 + σ_down ε̂ + σ_up z of ``ancestral.py`` with DDIM η = 1's split of σ' (``fixed_small``, exact when the
+data is a single point). ``fixed_large`` keeps that mean and adds the jump's own β_t as noise, σ_up = β_t/ᾱ'
+(exact when the data is N(0, I)); Su part 2 derives both.
 """
 
 from __future__ import annotations
@@ -18,19 +19,23 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
-from diffusers.utils.torch_utils import randn_tensor
 
+from .ancestral import eta_noise, jump_noise, kept_noise
 from .base import VPScheduler
+from .processes import SCHEDULE_DEFAULTS, takes_process_config
 from .registry import register
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
-def ddpm_posterior(acp: torch.Tensor, acp_prev: torch.Tensor):
-    """Coefficients (on x̂0, on x_t) of the posterior mean and its variance, from ᾱ² and ᾱ'² (Su part 3)."""
-    alpha_sq = acp / acp_prev  # α_t² of the jump
-    beta_sq = 1 - alpha_sq  # β_t²
-    return acp_prev.sqrt() * beta_sq / (1 - acp), alpha_sq.sqrt() * (1 - acp_prev) / (1 - acp), beta_sq
+def ddpm_noise(acp: torch.Tensor, acp_prev: torch.Tensor, variance_type: str):
+    """(kept std or None for the marginal-keeping split, noise std σ_t) of a DDPM step from ᾱ² to ᾱ'²: the
+    posterior's (DDIM η = 1), or for ``fixed_large`` β_t on top of the posterior mean (none onto the data)."""
+    small = eta_noise(acp, acp_prev, 1.0)
+    if variance_type == "fixed_small":
+        return None, small
+    large = jump_noise(acp, acp_prev) if acp_prev < 1 else torch.zeros((), dtype=torch.float64)
+    return kept_noise(1 - acp_prev, small), large
 
 
 @register("ddpm-large", family="ancestral", stochastic=True, defaults={"variance_type": "fixed_large"},
@@ -46,16 +51,11 @@ class DDPMScheduler(VPScheduler):
     """
 
     @register_to_config
+    @takes_process_config(SCHEDULE_DEFAULTS)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
         variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small",
         clip_sample: bool = True,
-        prediction_type: str = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
@@ -78,19 +78,11 @@ class DDPMScheduler(VPScheduler):
     ):
         """One ancestral step x_t → x_{t'} (t' the next grid point)."""
         prev_t = self.previous_timestep(timestep)
-        acp, acp_prev = self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t)
         x0, _ = self.predict_x0_and_epsilon(model_output, timestep, sample)
-
-        c_x0, c_xt, beta_sq = ddpm_posterior(acp, acp_prev)
-        prev_sample = c_x0.to(sample.dtype) * x0 + c_xt.to(sample.dtype) * sample
-        if prev_t >= 0:
-            if self.config.variance_type == "fixed_small":
-                variance = ((1 - acp_prev) / (1 - acp) * beta_sq).clamp(min=1e-20)
-            else:
-                variance = beta_sq
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-            prev_sample = prev_sample + variance.sqrt().to(sample.dtype) * noise
+        eps = self.epsilon_of(x0, timestep, sample)  # the posterior mean is in x̂0 and x_t: ε̂ from the clipped x̂0
+        kept, std = ddpm_noise(self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t),
+                               self.config.variance_type)
+        prev_sample = self.ancestral_step(x0, eps, prev_t, std, model_output, generator, kept_std=kept)
 
         if not return_dict:
             return prev_sample, x0

@@ -15,6 +15,8 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
 
+from .processes import VPProcess, takes_process_config
+from .processes.flow import flow_time
 from .registry import register
 from .sigma_base import SigmaSpaceScheduler
 
@@ -242,7 +244,7 @@ def flow_heun(x, sigmas, noise):
     in these coordinates holds (x̂0, ε̂) fixed and is DDIM again; Heun is not, its correction follows u."""
     for sigma, sigma_next in _pairs(sigmas):
         denoised = yield sigma, x
-        t, t_next = sigma / (1 + sigma), sigma_next / (1 + sigma_next)
+        t, t_next = flow_time(sigma), flow_time(sigma_next)
         z = x / (1 + sigma)
         velocity = (x - denoised) / sigma - denoised
         z_euler = z + (t_next - t) * velocity
@@ -282,15 +284,9 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
     """Fixed-step solvers of the probability-flow ODE for any model that maps to σ-space."""
 
     @register_to_config
+    @takes_process_config(VPProcess.config_defaults)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
-        prediction_type: str = "epsilon",
-        model_process: str = "vp",
         solver: str = "heun",
         sigma_schedule: str = "karras",
         rho: float = 7.0,
@@ -328,15 +324,9 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
     """
 
     @register_to_config
+    @takes_process_config(VPProcess.config_defaults)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
-        prediction_type: str = "epsilon",
-        model_process: str = "vp",
         rtol: float = 1e-3,
         atol: float = 1e-3,
         sigma_min: float | None = None,
@@ -371,7 +361,7 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
 
         def denoise(x, sigma):
             self.nfe_spent += 1
-            return self.adapter.denoise(model_call, x, sigma)
+            return self.process.denoise(model_call, x, sigma)
 
         def drift(sigma, flat):
             x = torch.from_numpy(flat).reshape(shape).to(device=x_ve.device, dtype=dtype)

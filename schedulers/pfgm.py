@@ -15,7 +15,8 @@ The backward ODE in r, dx/dr = (x − E[x0 | x])/r (PFGM++ eq. 6), is in σ = r/
 dx/dσ = (x − D(x; σ))/σ of EDM. So the σ-space solvers of ``ode.py`` sample PFGM++ unchanged once they draw
 their start from the heavy-tailed prior, R = σ_max √D sqrt(B/(1 − B)) (``generate.py: rand_beta_prime``):
 ``PFGMppScheduler`` does that in ``sample_prior``, entries ``pfgmpp-heun`` and ``pfgmpp-euler``. The network
-is an EDM-preconditioned denoiser (``model_adapters.EDMModelAdapter``).
+is an EDM-preconditioned denoiser; the kernel (``pfgmpp_noise``) and the network's preconditioning are the forward
+process's, ``processes.edm.PFGMppProcess``.
 
 **PFGM (D = 1).** The charges sit at (y_i, 0) in N + 1 dimensions; the empirical Poisson field of a batch,
 the paper's normalized training target, its prior on the plane z = z_max and the backward ODE in log z are
@@ -33,41 +34,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
-from diffusers.utils.torch_utils import randn_tensor
 
-from .model_adapters import EDMModelAdapter
 from .ode import SOLVERS, ProbabilityFlowScheduler
+from .processes import EDMProcess, PFGMppProcess, takes_process_config
+from .processes.edm import check_extra_dims, per_sample, pfgmpp_noise
 from .registry import register
-
-
-def _per_sample(values: torch.Tensor, like_ndim: int) -> torch.Tensor:
-    return values.reshape(-1, *[1] * (like_ndim - 1))
-
-
-def check_extra_dims(D) -> int | None:
-    """D as an int, or None for D = ∞ (the Gaussian kernel); ValueError for anything else."""
-    if D is None:
-        return None
-    if isinstance(D, float) and D.is_integer():
-        D = int(D)
-    if isinstance(D, bool) or not isinstance(D, int) or D < 1:
-        raise ValueError(f"pfgm_D (the number of extra dimensions) must be a positive integer or None (D = ∞), "
-                         f"got {D!r}")
-    return D
-
-
-def pfgmpp_noise(shape, sigma, D: int | None, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """x − x0 under the PFGM++ kernel at r = σ√D: σ√D g_N/‖g_D‖ per sample (the module docstring), or σ g_N for
-    D = None. ``sigma`` is a scalar or one value per sample; ``generator`` one or a list (one per sample)."""
-    D = check_extra_dims(D)
-    device = torch.device("cpu") if device is None else device
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device).expand(shape[0])
-    g = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float64)
-    if D is None:
-        return (_per_sample(sigma, len(shape)) * g).to(dtype)
-    extra = randn_tensor((shape[0], D), generator=generator, device=device, dtype=torch.float64)
-    radius_scale = sigma * math.sqrt(D) / extra.norm(dim=1)
-    return (_per_sample(radius_scale, len(shape)) * g).to(dtype)
 
 
 def pfgmpp_log_kernel(distance_sq: torch.Tensor, sigma, N: int, D: int | None) -> torch.Tensor:
@@ -112,16 +83,9 @@ class PFGMppScheduler(ProbabilityFlowScheduler):
     Gaussian noise. ``pfgm_D=None`` is D = ∞: EDM, a Gaussian start. Any σ-space solver of ``ode.py`` works."""
 
     @register_to_config
+    @takes_process_config(PFGMppProcess.config_defaults)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
-        prediction_type: str = "edm",
-        model_process: str = "edm",
-        pfgm_D: int | None = 128,
         solver: str = "heun",
         sigma_schedule: str = "karras",
         rho: float = 7.0,
@@ -131,7 +95,7 @@ class PFGMppScheduler(ProbabilityFlowScheduler):
     ):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(SOLVERS)}")
-        check_extra_dims(pfgm_D)
+        check_extra_dims(self.config.pfgm_D)
         self._init_sigma_space()
 
     def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -147,13 +111,14 @@ class PointSetDenoiser(ModelMixin, ConfigMixin):
     mean (``point_set_posterior_mean``) under the kernel with ``pfgm_D`` extra dimensions (None: Gaussian)."""
 
     @register_to_config
+    @takes_process_config(PFGMppProcess.config_defaults)
     def __init__(self, sample_size: int | tuple[int, int] = 4, in_channels: int = 1, num_points: int = 1,
                  pfgm_D: int | None = 128):
         super().__init__()
         check_extra_dims(pfgm_D)
         h, w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         self.register_buffer("points", torch.zeros(num_points, in_channels, h, w, dtype=torch.float64))
-        self.adapter = EDMModelAdapter()
+        self.process = EDMProcess()
 
     @classmethod
     def from_points(cls, points: torch.Tensor, pfgm_D: int | None) -> PointSetDenoiser:
@@ -164,11 +129,11 @@ class PointSetDenoiser(ModelMixin, ConfigMixin):
         return model
 
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
-        sigma = self.adapter.sigma_of_timestep(torch.as_tensor(timestep).cpu()).reshape(-1).expand(len(sample))
-        c_in = _per_sample(self.adapter.input_scale(sigma), sample.ndim)
+        sigma = self.process.sigma_of_timestep(torch.as_tensor(timestep).cpu()).reshape(-1).expand(len(sample))
+        c_in = per_sample(self.process.input_scale(sigma), sample.ndim)
         x = sample.cpu().double() / c_in
         denoised = point_set_posterior_mean(self.points.cpu(), x, sigma, self.config.pfgm_D)
-        skip, out = (_per_sample(c, sample.ndim) for c in self.adapter.skip_and_out(sigma))
+        skip, out = (per_sample(c, sample.ndim) for c in self.process.skip_and_out(sigma))
         output = ((denoised - skip * x) / out).to(device=sample.device, dtype=sample.dtype)
         return UNet2DOutput(sample=output) if return_dict else (output,)
 

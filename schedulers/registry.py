@@ -17,17 +17,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .processes import CONFIG_KEYS
+
 SAMPLERS: dict[str, SamplerSpec] = {}
 
-# Keys that describe the trained model's forward process; a sampler built for a model inherits them.
-TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "prediction_type", "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
-                 "model_process", "pfgm_D", "udm_operator", "udm_noise", "udm_prior_mean", "udm_prior_std")
+# Keys that describe the trained model's forward process (its ``Process``'s); a sampler built for it inherits them.
+TRAINING_KEYS = CONFIG_KEYS
 
 
 # How a model gets a value a sampler requires.
 REQUIREMENT_HINTS = {
-    "eps_second_moment": "run `python -m schedulers.analytic MODEL_DIR` (Analytic-DPM's E‖ε_θ‖²/d table)",
+    "eps_second_moment": "run `python -m evaluation.analytic_table MODEL_DIR` (Analytic-DPM's E‖ε_θ‖²/d table)",
     "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
 
+from .processes import VPProcess, takes_process_config
 from .registry import register
 from .sigma_base import SigmaSpaceScheduler
 
@@ -72,15 +73,9 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
     supported_processes = ("vp", "flow")
 
     @register_to_config
+    @takes_process_config(VPProcess.config_defaults)
     def __init__(
         self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
-        prediction_type: str = "epsilon",
-        model_process: str = "vp",
         noise_level: float = 1.0,
         corrector_steps: int = 0,
         snr: float = 0.16,

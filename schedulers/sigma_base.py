@@ -14,8 +14,8 @@ fixed-step solver asks for the same σ's whatever the model says, ``set_timestep
 a zero denoiser to list the evaluation points; ``timesteps`` are the model's (fractional) training timesteps
 at those σ's, so multi-evaluation solvers need no doubled-timestep bookkeeping. The pipeline's sample is
 x_ve = x0 + σ ε (``init_noise_sigma`` = sqrt(1 + σ_max²)). The model may have been trained on another process
-(config ``model_process``: ``vp`` or ``flow``): its ``ModelAdapter`` (``model_adapters.py``) gives the network's
-input scale (``scale_model_input``) and time (``timesteps``), and decodes any parameterization into D (``step``).
+(config ``model_process``: ``vp``, ``flow`` or ``edm``): its ``SigmaProcess`` (``processes/``) gives the network's
+input scale (``scale_model_input``) and time (``timesteps``), and decodes its output into D (``step``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as Schedule
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .model_adapters import MODEL_ADAPTERS, make_model_adapter
 from .process import VPSchedule
+from .processes import GAUSSIAN_SIGMA_PROCESSES, sigma_process
 from .sigmas import make_sigmas
 
 FINAL_SIGMAS = ("zero", "sigma_min")
@@ -37,13 +37,13 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     """Base of the σ-space samplers; subclasses define ``solver(x, sigmas, noise)`` as a generator."""
 
     order = 1
-    supported_processes = tuple(MODEL_ADAPTERS)  # the registry's default ``processes`` for these samplers
+    supported_processes = GAUSSIAN_SIGMA_PROCESSES  # the registry's default ``processes`` for these samplers
 
     def _init_sigma_space(self):
         if self.config.final_sigma not in FINAL_SIGMAS:
             raise ValueError(f"final_sigma must be one of {FINAL_SIGMAS}, got {self.config.final_sigma!r}")
         self.schedule = VPSchedule.from_config(self.config)
-        self.adapter = make_model_adapter(self.config, self.schedule)
+        self.process = sigma_process(self.config)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.zeros(0)
@@ -61,7 +61,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
 
     def sigma_range(self) -> tuple[float, float]:
         """(σ_min, σ_max): the config's, or the range the model was trained on."""
-        low, high = self.adapter.sigma_range()
+        low, high = self.process.sigma_range()
         return self.config.sigma_min or low, self.config.sigma_max or high
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None):
@@ -83,7 +83,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = grid
         self.num_inference_steps = len(grid) - 1
         self.evaluation_sigmas = self._trace(grid)
-        self.timesteps = self.adapter.timestep(self.evaluation_sigmas).to(torch.float32).to(device)
+        self.timesteps = self.process.timestep(self.evaluation_sigmas).to(torch.float32).to(device)
         self.init_noise_sigma = float((1 + grid[0] ** 2).sqrt())
         self._run = None
         self._step_index = 0
@@ -115,7 +115,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The network's input s(σ) x_ve at the current σ (ᾱ x_ve for a VP model)."""
-        return sample * self.adapter.input_scale(self._current_sigma()).to(sample.dtype)
+        return sample * self.process.input_scale(self._current_sigma()).to(sample.dtype)
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
@@ -123,7 +123,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """Feed the denoiser's answer at the current evaluation point to the solver; get its next point."""
-        denoised = self.adapter.denoised(model_output, sample, self._current_sigma())
+        denoised = self.process.denoised(model_output, sample, self._current_sigma())
         self._generator = generator
         if self._run is None:
             self._run = self.solver(sample, self.sigmas, self._noise)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .process import VPSchedule
+from .processes.flow import flow_time, sigma_of_flow_time
 
 SIGMA_SCHEDULES = ("karras", "log_snr", "uniform_t", "subvp", "flow")
 
@@ -41,9 +42,9 @@ def uniform_time_sigmas(n: int, schedule: VPSchedule, subvp: bool = False) -> to
 
 
 def flow_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Uniform in rectified-flow time t = σ/(1 + σ) (Liu et al. 2022), mapped back by σ = t/(1 − t)."""
-    t = torch.linspace(sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min), n, dtype=torch.float64)
-    return t / (1 - t)
+    """Uniform in rectified-flow time t = σ/(1 + σ) (Liu et al. 2022, ``processes.flow``), mapped back to σ."""
+    t = torch.linspace(flow_time(sigma_max), flow_time(sigma_min), n, dtype=torch.float64)
+    return sigma_of_flow_time(t)
 
 
 def make_sigmas(kind: str, n: int, schedule: VPSchedule, sigma_min: float, sigma_max: float,

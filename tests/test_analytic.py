@@ -6,7 +6,7 @@ import torch
 import schedulers
 from evaluation.distances import sliced_wasserstein
 from evaluation.exact import ExactScoreModel
-from schedulers.analytic import analytic_extra_variance, estimate_eps_second_moment
+from schedulers.analytic import analytic_noise, estimate_eps_second_moment
 
 from .conftest import make_pipeline, seeded
 
@@ -26,7 +26,7 @@ def test_the_table_rises_from_near_zero_to_one(table):
     assert len(table) == 1000
     assert table[0] < 0.1 and table[100] > 0.9 and abs(table[-1] - 1) < 0.05
     # Monte Carlo can overshoot 1; the factor 1 − E‖ε̂‖²/d is clipped to [0, 1] (spec §6.4).
-    assert analytic_extra_variance(torch.tensor(0.5), torch.tensor(0.7), torch.tensor(0.0), 1.03) == 0
+    assert analytic_noise(torch.tensor(0.0), torch.tensor(0.3), torch.tensor(0.9), torch.tensor(2.0), 1.03) == 0
 
 
 def test_the_mean_is_unchanged(mixture, table):
@@ -96,7 +96,7 @@ def test_the_table_reaches_only_the_samplers_that_use_it(table, tmp_path):
     assert loaded.config.eps_second_moment == pytest.approx(table)
     assert schedulers.get_sampler("analytic-ddim").create(loaded.config).config.eps_second_moment is not None
     assert schedulers.get_sampler("ddim").create(loaded.config).config.eps_second_moment is None
-    with pytest.raises(ValueError, match="python -m schedulers.analytic"):
+    with pytest.raises(ValueError, match="python -m evaluation.analytic_table"):
         schedulers.get_sampler("analytic-ddpm").create(schedulers.DDIMScheduler().config)
     with pytest.raises(ValueError, match="one value per training timestep"):
         schedulers.DDIMScheduler(eps_second_moment=[0.5] * 10)

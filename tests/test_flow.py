@@ -1,4 +1,4 @@
-"""Flow matching: the objective's path and target, the flow model adapter, and a trained flow model end to end.
+"""Flow matching: the objective's path and target, the flow process's σ-space map, and a trained flow model end to end.
 
 The exact mixture answers as a perfect rectified-flow network (``model_process="flow"``, velocity output),
 so the σ-space samplers driven through the flow adapter must produce the same samples as when driven by the
@@ -11,7 +11,7 @@ import torch
 import schedulers
 from evaluation.exact import ExactScoreModel
 from pipelines import DiffusionImagePipeline
-from schedulers.model_adapters import FlowModelAdapter
+from schedulers.processes import FlowProcess
 from train.objectives import FlowObjective, make_objective
 
 from .conftest import seeded
@@ -37,8 +37,8 @@ def test_flow_model_samples_like_the_vp_model_of_the_same_mixture(mixture, sampl
     assert torch.allclose(runs[0], runs[1], atol=5e-5)
 
 
-def test_flow_adapter_maps_sigma_to_the_straight_path():
-    adapter = FlowModelAdapter("velocity", num_train_timesteps=1000)
+def test_flow_process_maps_sigma_to_the_straight_path():
+    adapter = FlowProcess("velocity", num_train_timesteps=1000)
     sigma = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
     t = sigma / (1 + sigma)
     assert torch.allclose(adapter.timestep(sigma), 1000 * t)

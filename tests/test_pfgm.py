@@ -10,7 +10,6 @@ from scipy import stats
 
 import schedulers
 from pipelines import DiffusionImagePipeline
-from schedulers.model_adapters import EDMModelAdapter
 from schedulers.pfgm import (
     PFGMppScheduler,
     PointSetDenoiser,
@@ -23,6 +22,7 @@ from schedulers.pfgm import (
     point_set_posterior_mean,
     poisson_field,
 )
+from schedulers.processes import EDMProcess
 from train import diffusion
 from train.objectives import EDMObjective, PFGMppObjective, make_objective
 
@@ -75,8 +75,8 @@ def test_kernel_is_normalized_and_tends_to_the_gaussian_as_D_grows():
     assert abs(medians[1] / medians[2] - 1) < 0.01 < abs(medians[0] / medians[2] - 1)
 
 
-def test_edm_adapter_decodes_the_training_target_and_inverts_its_time_map():
-    adapter = EDMModelAdapter()
+def test_edm_process_decodes_the_training_target_and_inverts_its_time_map():
+    adapter = EDMProcess()
     sigma = torch.tensor([0.002, 0.3, 2.0, 80.0], dtype=torch.float64)
     assert torch.allclose(adapter.timestep(sigma[[0, 3]]), torch.tensor([0.0, 1000.0], dtype=torch.float64))
     assert torch.allclose(adapter.sigma_of_timestep(adapter.timestep(sigma)), sigma)
@@ -85,14 +85,14 @@ def test_edm_adapter_decodes_the_training_target_and_inverts_its_time_map():
     skip, out = adapter.skip_and_out(sigma[:, None])
     assert torch.allclose(adapter.denoised((x0 - skip * x) / out, x, sigma[:, None]), x0)
     with pytest.raises(ValueError, match="prediction_type 'edm'"):
-        EDMModelAdapter("epsilon")
+        EDMProcess("epsilon")
 
 
 @pytest.mark.parametrize("objective", [PFGMppObjective(pfgm_D=64, null_class_id=3), EDMObjective(null_class_id=3)])
 def test_objective_builds_the_preconditioned_batch(objective):
     x0 = torch.rand(256, *SHAPE, generator=seeded(5)) * 2 - 1
     batch = objective.sample(x0, torch.arange(256) % 3, seeded(6))
-    adapter = EDMModelAdapter()
+    adapter = EDMProcess()
     sigma = adapter.sigma_of_timestep(batch.model_kwargs["timestep"].double())
     assert 0.2 < sigma.median() < 0.4  # exp(P_mean) = 0.30
     x = batch.noisy.double() / adapter.input_scale(sigma)[:, None, None, None]

@@ -8,7 +8,8 @@ from diffusers import DDPMScheduler as DiffusersDDPM
 
 import schedulers
 from pipelines import DiffusionImagePipeline
-from schedulers.udm import MASK_VALUE, UDMOperator, UDMScheduler
+from schedulers.processes.udm import MASK_VALUE, UDMOperator
+from schedulers.udm import UDMScheduler
 from train import diffusion
 from train.objectives import make_objective
 
@@ -134,7 +135,7 @@ def test_objective_trains_x0_on_the_operator_and_records_the_prior_colour():
     batch = objective.sample(x0, torch.zeros(64, dtype=torch.long), seeded(8))
     t = batch.model_kwargs["timestep"] * 200 / 1000
     assert torch.equal(t, t.round()) and t.min() >= 1 and t.max() <= 200
-    residual = batch.noisy - objective.operator.degrade(x0, t.long())
+    residual = batch.noisy - objective.forward_process.operator.degrade(x0, t.long())
     assert residual.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.equal(batch.target, x0)
     loss, per_sample = objective.loss(torch.zeros_like(x0), batch)

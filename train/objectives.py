@@ -9,8 +9,9 @@ regression target and a per-sample loss weight — and scores the model's output
 over pixels, then over the batch). It also says how to sample from the trained model: ``scheduler_config()``
 is the config of the matching scheduler and ``model_info()`` the fields a pipeline records about the process.
 
-The forward-process math (ᾱ_t, β̄_t, the targets of each parameterization) lives in ``schedulers.process``;
-the objectives only draw the random quantities and call it.
+The forward-process math (noising, the target and weight of each parameterization, the network's time input)
+lives in each process's ``schedulers.processes`` class; the objectives only draw the random quantities (times,
+noise, label dropout) and call its ``training_example``.
 
 ``OBJECTIVES`` maps names to factories: ``vp-eps``, ``vp-x0``, ``vp-v``, ``flow`` (rectified flow /
 conditional flow matching), ``pfgmpp`` (PFGM++ with D extra dimensions) and ``edm`` (its D = ∞ limit), and
@@ -29,13 +30,12 @@ from typing import Any, NamedTuple
 import torch
 
 from schedulers import DDIMScheduler, PFGMppScheduler, ProbabilityFlowScheduler, UDMScheduler
-from schedulers.model_adapters import EDMModelAdapter
-from schedulers.pfgm import check_extra_dims, pfgmpp_noise
-from schedulers.process import BETA_SCHEDULES, VPSchedule, expand_to, make_betas, target_from_x0_and_epsilon
-from schedulers.udm import model_timestep
+from schedulers.process import BETA_SCHEDULES, VPSchedule, make_betas
+from schedulers.processes import PROCESSES, FlowProcess, PFGMppProcess, TrainingExample, UDMProcess, VPProcess
 
-# The VP objectives' registry names, by what the network predicts.
+# The VP objectives' registry names, by what the network predicts, and how the app names that.
 VP_OBJECTIVE_NAMES = {"epsilon": "vp-eps", "sample": "vp-x0", "v_prediction": "vp-v"}
+VP_PREDICTS = {"epsilon": "ε", "sample": "x0", "v_prediction": "v"}
 VP_TIMESTEP_SAMPLINGS = ("uniform", "importance")
 TIMESTEP_SAMPLINGS = (*VP_TIMESTEP_SAMPLINGS, "logit_normal")  # logit-normal: the flow objective's
 
@@ -201,6 +201,15 @@ class Objective(ABC):
         per_sample = (model_output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
         return (batch.loss_weight.to(per_sample.device) * per_sample).mean(), per_sample.detach()
 
+    def batch(self, example: TrainingExample, labels: torch.Tensor | None, generator: torch.Generator,
+              sampling_weight: torch.Tensor | None = None) -> TrainingBatch:
+        """A process's ``TrainingExample`` with the labels dropped out, its loss weight times ``sampling_weight``
+        (the importance weight of the drawn times, if any)."""
+        weight = example.loss_weight if sampling_weight is None else example.loss_weight * sampling_weight
+        return TrainingBatch(example.network_input,
+                             {"timestep": example.time_input, "class_labels": self.drop_labels(labels, generator)},
+                             example.target, weight)
+
     def drop_labels(self, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor | None:
         """Replace each label by the null class with probability ``label_dropout`` (Ho & Salimans 2022, Alg. 1)."""
         if labels is None:
@@ -246,20 +255,15 @@ class VPObjective(Objective):
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.schedule = VPSchedule(make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end))
+        self.forward_process = VPProcess(prediction_type, self.schedule)
         self.timestep_sampling = timestep_sampling
         self.timesteps = make_timestep_sampler(timestep_sampling, num_train_timesteps)
 
     def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
-        n = len(x0)
-        timesteps, weights = self.timesteps.sample(n, generator)
+        timesteps, weights = self.timesteps.sample(len(x0), generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        alpha, beta = self.schedule.coefficients(timesteps)
-        timesteps, alpha, beta = timesteps.to(x0.device), alpha.to(x0.device), beta.to(x0.device)
-        noisy = expand_to(alpha, x0) * x0 + expand_to(beta, x0) * noise
-        target = target_from_x0_and_epsilon(self.prediction_type, x0, noise, alpha, beta)
-        class_labels = self.drop_labels(labels, generator)
-        return TrainingBatch(noisy, {"timestep": timesteps, "class_labels": class_labels}, target,
-                             weights.to(x0.device))
+        return self.batch(self.forward_process.training_example(x0, noise, timesteps), labels, generator,
+                          weights.to(x0.device))
 
     def observe(self, model_kwargs: dict[str, torch.Tensor | None], losses: torch.Tensor) -> None:
         self.timesteps.observe(model_kwargs["timestep"].cpu(), losses)
@@ -296,7 +300,7 @@ class FlowObjective(Objective):
     (prediction type ``velocity``) at t ∈ (0, 1), fed to it as ``t · time_scale`` so a UNet2DModel's sinusoidal
     time embedding sees the same range as a 1000-step DDPM. t is uniform, or logit-normal (Esser et al. 2024,
     SD3 §3.1: t = sigmoid(n), n ~ N(0, 1), which spends the steps mid-path). In σ-space the path is
-    x0 + σ ε with σ = t/(1 − t), so every σ-space sampler drives the model (``schedulers/model_adapters.py``).
+    x0 + σ ε with σ = t/(1 − t), so every σ-space sampler drives the model (``schedulers.processes.FlowProcess``).
     """
 
     name = "flow"
@@ -310,6 +314,7 @@ class FlowObjective(Objective):
             raise ValueError(f"the flow objective samples t 'uniform' or 'logit_normal', got {timestep_sampling!r}")
         self.timestep_sampling = timestep_sampling
         self.time_scale = time_scale
+        self.forward_process = FlowProcess(self.prediction_type, time_scale)
 
     def _times(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.timestep_sampling == "logit_normal":
@@ -319,11 +324,7 @@ class FlowObjective(Objective):
     def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
         t = self._times(len(x0), generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        t = t.to(x0.device)
-        noisy = expand_to(1 - t, x0) * x0 + expand_to(t, x0) * noise
-        class_labels = self.drop_labels(labels, generator)
-        return TrainingBatch(noisy, {"timestep": t * self.time_scale, "class_labels": class_labels}, noise - x0,
-                             torch.ones(len(x0), device=x0.device))
+        return self.batch(self.forward_process.training_example(x0, noise, t.to(x0.device)), labels, generator)
 
     def scheduler_config(self) -> dict[str, Any]:
         return {"num_train_timesteps": self.time_scale, "prediction_type": self.prediction_type,
@@ -341,9 +342,8 @@ class PFGMppObjective(Objective):
     """PFGM++ with ``pfgm_D`` extra dimensions (Xu et al. 2023, ``training/loss.py`` of Newbeeer/pfgmpp).
 
     σ is drawn as EDM's, ln σ ~ N(P_mean, P_std²) = N(−1.2, 1.2²); r = σ√D and x = x0 + R u with
-    R = r sqrt(B/(1 − B)), B ~ Beta(N/2, D/2) (``schedulers.pfgm.pfgmpp_noise``). The network is EDM's
-    preconditioned denoiser (``EDMModelAdapter``): input c_in x at time t(c_noise), and the regression target
-    (x0 − c_skip x)/c_out, on which EDM's weight λ(σ) = (σ² + σ_d²)/(σ σ_d)² = 1/c_out² becomes 1 (EDM eq. 8).
+    R = r sqrt(B/(1 − B)), B ~ Beta(N/2, D/2). The kernel, EDM's preconditioned network and its target and
+    weight are ``schedulers.processes.PFGMppProcess``'s.
     """
 
     name = process = "pfgmpp"
@@ -356,32 +356,25 @@ class PFGMppObjective(Objective):
         if timestep_sampling != "uniform":
             raise ValueError(f"{self.name} draws σ log-normally (EDM); --timestep-sampling must stay 'uniform', "
                              f"got {timestep_sampling!r}")
-        self.pfgm_D = check_extra_dims(pfgm_D)
-        self.adapter = EDMModelAdapter()
+        self.forward_process = PFGMppProcess(self.prediction_type, pfgm_D)
+        self.pfgm_D = self.forward_process.pfgm_D
 
     def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
         sigma = torch.exp(self.P_MEAN + self.P_STD * torch.randn(len(x0), generator=generator, dtype=torch.float64))
-        noisy = x0 + pfgmpp_noise(x0.shape, sigma, self.pfgm_D, generator).to(x0)
-        skip, out = self.adapter.skip_and_out(sigma)
-        scale = self.adapter.input_scale(sigma)
-        target = (x0 - expand_to(skip.to(x0.device), x0) * noisy) / expand_to(out.to(x0.device), x0)
-        class_labels = self.drop_labels(labels, generator)
-        return TrainingBatch(expand_to(scale.to(x0.device), x0) * noisy,
-                             {"timestep": self.adapter.timestep(sigma).float().to(x0.device),
-                              "class_labels": class_labels},
-                             target, torch.ones(len(x0), device=x0.device))
+        noise = self.forward_process.noise(x0.shape, sigma, generator).to(x0)
+        return self.batch(self.forward_process.training_example(x0, noise, sigma), labels, generator)
 
     def scheduler_config(self) -> dict[str, Any]:
-        return {"prediction_type": self.prediction_type, "model_process": "edm", "pfgm_D": self.pfgm_D,
-                "solver": "heun", "sigma_schedule": "karras", "sigma_min": EDMModelAdapter.SIGMA_MIN,
-                "sigma_max": EDMModelAdapter.SIGMA_MAX}
+        return {"prediction_type": self.prediction_type, "model_process": self.forward_process.model_process,
+                "pfgm_D": self.pfgm_D, "solver": "heun", "sigma_schedule": "karras",
+                "sigma_min": self.forward_process.SIGMA_MIN, "sigma_max": self.forward_process.SIGMA_MAX}
 
     def make_scheduler(self):
         return PFGMppScheduler(**self.scheduler_config())
 
     def model_info(self) -> dict[str, Any]:
         return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
-                "pfgm_D": self.pfgm_D, "sigma_data": EDMModelAdapter.SIGMA_DATA}
+                "pfgm_D": self.pfgm_D, "sigma_data": self.forward_process.SIGMA_DATA}
 
 
 class EDMObjective(PFGMppObjective):
@@ -426,19 +419,17 @@ class UDMObjective(Objective):
         self.num_train_timesteps = num_train_timesteps or (1000 if operator == "noise" else 200)
         self.udm_loss, self.udm_noise = udm_loss, udm_noise
         self.colour_sums = torch.zeros(3, 0, dtype=torch.float64)  # (count, Σ mean, Σ mean²) per channel
-        self.operator = self.make_scheduler().operator  # validates the operator's settings
+        self.forward_process = UDMProcess.from_config(self.make_scheduler().config)  # validated by the scheduler
 
     def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
         t = torch.randint(1, self.num_train_timesteps + 1, (len(x0),), generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        noisy = self.operator.forward(x0, noise, t)
+        example = self.forward_process.training_example(x0, noise, t)
         colours = x0.detach().double().mean(dim=(2, 3)).cpu()  # (B, C)
         if self.colour_sums.shape[1] == 0:
             self.colour_sums = torch.zeros(3, x0.shape[1], dtype=torch.float64)
         self.colour_sums += torch.stack([torch.full_like(colours[0], len(x0)), colours.sum(0), colours.pow(2).sum(0)])
-        class_labels = self.drop_labels(labels, generator)
-        return TrainingBatch(noisy, {"timestep": model_timestep(t, self.num_train_timesteps).to(x0.device),
-                                     "class_labels": class_labels}, x0, torch.ones(len(x0), device=x0.device))
+        return self.batch(example, labels, generator)
 
     def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 as the base class's; L1: mean_i w_i · mean_pixels |f_i − y_i|."""
@@ -491,6 +482,14 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "edm": EDMObjective,
     **{f"udm-{operator}": functools.partial(UDMObjective, operator=operator) for operator in ("blur", "mask", "noise")},
 }
+
+
+def objective_label(name: str) -> str:
+    """How the app names objective ``name``: its process's label (and, for VP, what the network predicts)."""
+    for prediction_type, vp_name in VP_OBJECTIVE_NAMES.items():
+        if name == vp_name:
+            return f"{VPProcess.label}, predicts {VP_PREDICTS[prediction_type]}"
+    return PROCESSES[name].label if name in PROCESSES else name
 
 
 def accepted_options(name: str, options: dict[str, Any]) -> dict[str, Any]:

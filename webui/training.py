@@ -36,19 +36,15 @@ KILL_AFTER = 60.0  # seconds between SIGTERM (the trainer finishes its step and 
 POLL_SECONDS = 2.0
 RUN_FILE = "ui_run.json"
 LOG_FILE = "ui.log"
-OBJECTIVE_LABELS = {"vp-eps": "VP, predicts ε", "vp-x0": "VP, predicts x0", "vp-v": "VP, predicts v",
-                    "flow": "rectified flow", "pfgmpp": "PFGM++ (D: --pfgm-D)", "edm": "EDM (PFGM++ with D → ∞)",
-                    "udm-blur": "UDM, blur operator", "udm-mask": "UDM, masking operator",
-                    "udm-noise": "UDM, Gaussian noise operator"}
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 DATASETS = ("mnist (shipped split)", "image folder", "datasets (hub name or save_to_disk folder)")
 
 
 def trainers() -> dict[str, tuple[str, str | None]]:
     """Label → (module, objective) for every trainer this checkout has."""
-    from train.objectives import OBJECTIVES
+    from train.objectives import OBJECTIVES, objective_label
 
-    found = {f"{OBJECTIVE_LABELS.get(name, name)} ({name})": ("train.diffusion", name) for name in OBJECTIVES}
+    found = {f"{objective_label(name)} ({name})": ("train.diffusion", name) for name in OBJECTIVES}
     for module, label in (("train.gan", "GAN"), ("train.vae", "VAE")):
         if importlib.util.find_spec(module) is not None:
             found[label] = (module, None)
