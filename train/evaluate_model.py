@@ -25,9 +25,9 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge, real_fid_floor
+from evaluation.sampling import image_grid
 from pipelines import DiffusionImagePipeline
 from train.data import load_dataset
-from train.diffusion import sample_grid
 
 SAMPLING_BATCH = 250
 
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         pipeline = DiffusionImagePipeline.from_pretrained(args.model_dir)
         pipeline.set_progress_bar_config(disable=True)
-        grid = sample_grid(pipeline, args.grid_columns, max(args.guidance), args.seed, args.steps)
+        grid = image_grid(pipeline, args.grid_columns, seed=args.seed, num_inference_steps=args.steps,
+                          guidance_scale=max(args.guidance) if pipeline.num_classes else 1.0)
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         grid.save(args.grid)
         print(f"sample grid at guidance {max(args.guidance)}: {args.grid}")

@@ -19,9 +19,9 @@ from diffusers.utils import logging as diffusers_logging
 
 import schedulers
 from evaluation.judge import DEFAULT_JUDGE_PATH, feature_fid, judge_accuracy, load_judge
+from evaluation.sampling import image_grid
 from pipelines import DiffusionImagePipeline
 from train.data import load_dataset
-from train.diffusion import sample_grid
 from train.evaluate_model import generate
 
 RULES = ("udm-naive", "udm-improved", "udm-invertible")
@@ -57,7 +57,9 @@ def main() -> None:
                          "feature_fid": feature_fid(judge, images, heldout)}
         print(f"{rule}: judge accuracy {results[rule]['accuracy']:.2%}, feature-FID {results[rule]['feature_fid']:.2f}"
               f" ({args.samples} samples, {args.steps} steps, guidance {args.guidance})")
-        grids.append(np.asarray(sample_grid(pipe, args.grid_columns, args.guidance, args.seed, args.steps)))
+        grid = image_grid(pipe, args.grid_columns, seed=args.seed, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance if pipe.num_classes else 1.0)
+        grids.append(np.asarray(grid))
     if args.json:
         args.json.write_text(json.dumps({"samples": args.samples, "steps": args.steps, "guidance": args.guidance,
                                          "seed": args.seed, "rules": results}, indent=2) + "\n")
