@@ -22,7 +22,8 @@ as ``samples/step-STEP.png``), ``checkpoint-STEP/`` every ``--checkpoint-every``
 ``model/`` unless ``--export DIR``). ``--resume latest`` continues from the newest complete checkpoint and
 truncates ``metrics.jsonl`` to it; resuming a finished run only exports it again. SIGTERM or SIGINT (the app's
 Stop, Ctrl-C, a cluster's preemption notice) finishes the current step, writes a checkpoint there and exits
-without exporting: nothing is lost, and ``--resume latest`` continues exactly.
+without exporting: nothing is lost, and ``--resume latest`` continues exactly. All of this is ``train.run``'s
+(data order: ``train.batch_order``); this module supplies the UNet, the objective and the step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import UNet2DModel
@@ -111,6 +112,42 @@ def build_objective(args: argparse.Namespace, num_classes: int) -> tuple[Objecti
     return objective, process_options
 
 
+class DiffusionParts(NamedTuple):
+    """What one diffusion step updates: the prepared UNet, its objective, optimizer and learning-rate schedule."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+
+
+def diffusion_step(run: TrainingRun, parts: DiffusionParts, index: int) -> dict[str, float]:
+    """One optimizer step of ``--grad-accum`` micro-batches: each process trains on its shard of the global batch,
+    noised by the objective from the (seed, micro-step) generator; then clip, step."""
+    args, accelerator = run.args, run.accelerator
+    model, objective = parts.model, parts.objective
+    step_loss = 0.0
+    for micro in range(args.grad_accum):
+        x0, labels = run.next_global_batch()
+        batch = objective.sample(x0, labels if args.conditional else None,
+                                 run.generator(NOISE_STREAM, index * args.grad_accum + micro))
+        local = batch.select(run.shard)
+        with accelerator.accumulate(model):
+            output = model(local.noisy, **local.model_kwargs).sample
+            loss, per_sample = objective.loss(output, local)
+            accelerator.backward(loss)
+        losses = accelerator.gather(per_sample)  # the global batch's, in rank order = batch order
+        objective.observe(batch.model_kwargs, losses)
+        step_loss += (batch.loss_weight * losses).mean().item() / args.grad_accum
+    # the last micro-step synchronised the gradients: clip, step
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+    lr = parts.lr_schedule.get_last_lr()[0]
+    parts.optimizer.step()
+    parts.optimizer.zero_grad()
+    parts.lr_schedule.step()
+    return {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}
+
+
 def diffusion_trainer(run: TrainingRun) -> Trainer:
     """Build the UNet, objective, AdamW with its schedule and the EMA on ``run``; returns their ``Trainer``."""
     args, accelerator = run.args, run.accelerator
@@ -125,45 +162,22 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     ema = run.track_ema(unwrapped, model_cls=UNet2DModel, model_config=unwrapped.config)
     accelerator.register_for_checkpointing(objective)
     model.train()
-    max_grad_norm = args.grad_clip or math.inf
+    parts = DiffusionParts(model, objective, optimizer, lr_schedule)
 
-    def step(index: int) -> dict[str, float]:
-        step_loss = 0.0
-        for micro in range(args.grad_accum):
-            x0, labels = run.next_global_batch()
-            batch = objective.sample(x0, labels if args.conditional else None,
-                                     run.generator(NOISE_STREAM, index * args.grad_accum + micro))
-            local = batch.select(run.shard)
-            with accelerator.accumulate(model):
-                output = model(local.noisy, **local.model_kwargs).sample
-                loss, per_sample = objective.loss(output, local)
-                accelerator.backward(loss)
-            losses = accelerator.gather(per_sample)  # the global batch's, in rank order = batch order
-            objective.observe(batch.model_kwargs, losses)
-            step_loss += (batch.loss_weight * losses).mean().item() / args.grad_accum
-        # the last micro-step synchronised the gradients: clip, step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        lr = lr_schedule.get_last_lr()[0]
-        optimizer.step()
-        optimizer.zero_grad()
-        lr_schedule.step()
-        return {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}
-
-    def pipeline(step_count: int) -> DiffusionImagePipeline:
-        info = run.info(step_count, **objective.model_info(), null_class_id=objective.null_class_id,
-                        model=args.model)
+    def pipeline(step: int) -> DiffusionImagePipeline:
+        info = run.info(step, **objective.model_info(), null_class_id=objective.null_class_id, model=args.model)
         return ema_pipeline(ema, unwrapped.config, objective, info)
 
-    def export(directory: Path, step_count: int) -> None:
-        pipeline(step_count).save_pretrained(directory, safe_serialization=True)
+    def export(directory: Path, step: int) -> None:
+        pipeline(step).save_pretrained(directory, safe_serialization=True)
 
     preview_kwargs = {"num_inference_steps": PREVIEW_STEPS,
                       **({"guidance_scale": PREVIEW_GUIDANCE} if run.num_classes else {})}
     return Trainer(
-        step=step, export=export, preview=pipeline, preview_kwargs=preview_kwargs,
+        step=lambda index: diffusion_step(run, parts, index), export=export, preview=pipeline,
+        preview_kwargs=preview_kwargs,
         invariants={**{name: getattr(args, name) for name in RESUME_INVARIANTS}, **process_options},
-        batches_per_step=args.grad_accum, checkpoint_fields=lambda step_count: {"micro_step":
-                                                                                step_count * args.grad_accum},
+        batches_per_step=args.grad_accum, checkpoint_fields=lambda step: {"micro_step": step * args.grad_accum},
         config_fields={"effective_batch_size": run.global_batch * args.grad_accum}, consistent_weights=unwrapped)
 
 
