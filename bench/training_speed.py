@@ -57,6 +57,7 @@ import train.diffusion as trainer  # noqa: E402
 from bench.common import check_positive, machine_info, write_results  # noqa: E402
 from data import load_dataset  # noqa: E402
 from models.unet import UNET_CONFIGS, build_unet  # noqa: E402
+from train.run import MetricsLog  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "minimal + EMA"
@@ -78,7 +79,7 @@ def step_times(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def ours(model: str, batch_size: int, steps: int, warmup_steps: int) -> tuple[list[tuple[float, float]], list[float]]:
     """Timed (CPU, wall) step durations of ``train.diffusion``, and the CPU time each step spent in its log call."""
     marks, logging = [], []
-    original = trainer.MetricsLog.log
+    original = MetricsLog.log
 
     def timed_log(self, step, values):
         started = time.process_time()
@@ -92,11 +93,11 @@ def ours(model: str, batch_size: int, steps: int, warmup_steps: int) -> tuple[li
                 "--steps", str(total), "--lr", str(LR), "--warmup", str(WARMUP), "--ema-decay", str(EMA_DECAY),
                 "--grad-clip", str(GRAD_CLIP), "--seed", str(SEED), "--checkpoint-every", str(total + 1),
                 "--sample-every", "0", "--output-dir", run_dir, "--cpu"]
-        trainer.MetricsLog.log = timed_log
+        MetricsLog.log = timed_log
         try:
             trainer.train(trainer.build_parser().parse_args(argv), argv)
         finally:
-            trainer.MetricsLog.log = original
+            MetricsLog.log = original
     return step_times(marks)[warmup_steps - 1:], logging[warmup_steps:]
 
 

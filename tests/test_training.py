@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from pipelines import DiffusionImagePipeline
 from schedulers import DDIMScheduler
+from train.batch_order import GlobalBatchOrder, rank_shard
 from train.checkpointing import (
     COMPLETE_MARKER,
     complete_checkpoints,
@@ -27,7 +28,7 @@ from train.checkpointing import (
     find_checkpoint,
     save_checkpoint,
 )
-from train.diffusion import GlobalBatchOrder, build_parser, check_args, rank_shard
+from train.diffusion import build_parser, check_args
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 24, 8

@@ -12,21 +12,18 @@ model (safetensors) plus a README.md with the command, the accuracy table, the t
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from tqdm import tqdm
 
 from data import load_dataset
 from models.classifier import NoisyClassifier
 from schedulers.process import expand_to
 from train.judge import MAX_SHIFT, hardware_description, random_shift
+from train.run import launch_command, make_accelerator, run_steps
 
 REPORT_TIMESTEPS = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 
@@ -40,7 +37,9 @@ def noised(classifier: NoisyClassifier, x0: torch.Tensor, timesteps: torch.Tenso
 
 
 def train_classifier(steps: int, batch_size: int, learning_rate: float, seed: int, cpu: bool) -> NoisyClassifier:
-    accelerator = Accelerator(cpu=cpu)
+    """A classifier trained from scratch with AdamW and a one-cycle schedule (``train.run``'s accelerator and step
+    loop; each process draws its own batches); eval mode, on the CPU."""
+    accelerator = make_accelerator(cpu, mixed_precision="no")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     images, labels = load_dataset("mnist", image_size=32, split="train").tensors()
@@ -49,8 +48,8 @@ def train_classifier(steps: int, batch_size: int, learning_rate: float, seed: in
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
     classifier, optimizer, schedule = accelerator.prepare(classifier, optimizer, schedule)
     model = accelerator.unwrap_model(classifier)
-    progress = tqdm(range(steps), desc="training the noisy classifier", disable=not accelerator.is_main_process)
-    for _ in progress:
+
+    def step(index: int) -> dict[str, float]:
         batch = torch.randint(len(images), (batch_size,), generator=generator)
         timesteps = torch.randint(model.config.num_train_timesteps, (batch_size,), generator=generator)
         x_t = noised(model, random_shift(images[batch], MAX_SHIFT, generator), timesteps, generator)
@@ -60,7 +59,9 @@ def train_classifier(steps: int, batch_size: int, learning_rate: float, seed: in
         accelerator.backward(loss)
         optimizer.step()
         schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        return {"loss": loss.item()}
+
+    run_steps(step, 0, steps, "training the noisy classifier", show=accelerator.is_main_process)
     return model.eval().cpu()
 
 
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     classifier.save_pretrained(args.out, safe_serialization=True)
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = threads + shlex.join(["python", "-m", "train.classifier", *argv])
+    command = launch_command(argv, 1, "train.classifier")
     parameters = sum(p.numel() for p in classifier.parameters())
     (args.out / "README.md").write_text(f"""# mnist-noisy-classifier
 

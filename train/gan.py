@@ -18,13 +18,14 @@ Losses (``--loss``), for the critic T and the generator G, with ΔT = T(x_r) −
 One training step is ``--critic-steps`` critic updates, each on a fresh real batch and fresh z, then one
 generator update (Su: 2 critic steps per G step; Adam(2e-4, β1 = 0.5)). The exported generator holds the EMA
 weights with its BatchNorm statistics re-estimated for them (NVAE's trick, §4.2: the training statistics belong
-to the raw weights). The loop, checkpoints, resume and logs are ``train.loop``'s.
+to the raw weights). The loop, EMA, checkpoints, resume and logs are ``train.run``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,12 @@ from torch import nn
 
 from models.gan import Critic, Generator
 from pipelines import GANPipeline
-from train.diffusion import rank_shard
-from train.loop import BaselineRun, preview_grid
 from train.options import add_common_arguments, check_at_least_one, check_common_args, run_main
+from train.run import Trainer, TrainingRun
 
 QP_LAMBDA = 10.0
 CORRELATION_WEIGHT = 0.5
-# random streams (train.diffusion uses 0 for data order, 1 for noise)
+# random streams (train.batch_order: 0 is the data order)
 CRITIC_NOISE, GENERATOR_NOISE = 2, 3
 BATCHNORM_BATCHES, BATCHNORM_BATCH_SIZE, BATCHNORM_SEED = 20, 256, 12345
 
@@ -167,11 +167,62 @@ def ema_generator(ema: EMAModel, trained: Generator) -> Generator:
 # --------------------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace, argv: list[str]) -> Path:
-    """Train (or resume) the GAN run described by ``args``; returns the exported pipeline directory."""
-    check_args(args)
-    run = BaselineRun(args, argv, "train.gan")
-    accelerator, conditional = run.accelerator, run.num_classes > 0
+class GANModels(NamedTuple):
+    """The prepared networks and optimizers one GAN step updates (``critic_module`` is T unwrapped)."""
+
+    generator: torch.nn.Module
+    critic: torch.nn.Module
+    critic_module: Critic
+    generator_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer
+
+
+def latents(run: TrainingRun, stream: int, index: int) -> torch.Tensor:
+    """This process's shard of a global batch of z ~ N(0, I), drawn from (--seed, stream, index)."""
+    z = torch.randn(run.global_batch, run.args.latent_dim, generator=run.generator(stream, index))
+    return z[run.shard].to(run.device)
+
+
+def gan_step(run: TrainingRun, models: GANModels, step: int) -> dict[str, float]:
+    """``--critic-steps`` critic updates, each on a fresh real batch and z, then one generator update."""
+    args, accelerator = run.args, run.accelerator
+    generator, critic = models.generator, models.critic
+    critic_loss_fn, generator_loss_fn = LOSSES[args.loss]
+    qp_kwargs = {"qp_lambda": args.qp_lambda} if args.loss == "qp" else {}
+    critic.train()
+    generator.train()
+    models.critic_module.requires_grad_(True)
+    for k in range(args.critic_steps):
+        x_real, labels = run.next_batch()
+        labels = labels if run.num_classes else None
+        z = latents(run, CRITIC_NOISE, step * args.critic_steps + k)
+        with torch.no_grad():
+            x_fake = generator(z, labels)
+        t_real, _ = critic(x_real, labels)
+        t_fake, code = critic(x_fake, labels)
+        c_loss = critic_loss_fn(t_real, t_fake, x_real, x_fake, **qp_kwargs)
+        rho = correlation(z, code).mean() if args.ogan else torch.zeros(())
+        models.critic_optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(c_loss - args.correlation_weight * rho)
+        models.critic_optimizer.step()
+    # the generator: fresh z, the last real batch's labels (class frequencies as in the data)
+    models.critic_module.requires_grad_(False)
+    z = latents(run, GENERATOR_NOISE, step)
+    with torch.no_grad():
+        t_real, _ = critic(x_real, labels)
+    t_fake, code = critic(generator(z, labels), labels)
+    g_loss = generator_loss_fn(t_real, t_fake)
+    g_rho = correlation(z, code).mean() if args.ogan else torch.zeros(())
+    models.generator_optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(g_loss - args.correlation_weight * g_rho)
+    models.generator_optimizer.step()
+    values = {"critic_loss": c_loss.item(), "generator_loss": g_loss.item(), "delta_t": (t_real - t_fake).mean().item()}
+    return {**values, "correlation": g_rho.item()} if args.ogan else values
+
+
+def gan_trainer(run: TrainingRun) -> Trainer:
+    """Build G and T, their Adam optimizers and G's EMA on ``run``; returns their ``Trainer``."""
+    args, accelerator = run.args, run.accelerator
     sizes = dict(latent_dim=args.latent_dim, base_channels=args.base_channels, image_size=args.image_size,
                  channels=run.dataset.channels, num_classes=run.num_classes)
     torch.manual_seed(args.seed)
@@ -181,53 +232,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     c_optimizer = torch.optim.Adam(critic.parameters(), lr=args.lr, betas=betas)
     generator, critic, g_optimizer, c_optimizer = accelerator.prepare(generator, critic, g_optimizer, c_optimizer)
     g_unwrapped, c_unwrapped = accelerator.unwrap_model(generator), accelerator.unwrap_model(critic)
-    ema = EMAModel(g_unwrapped.parameters(), decay=args.ema_decay)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
-    critic_loss_fn, generator_loss_fn = LOSSES[args.loss]
-    global_batch = args.batch_size * accelerator.num_processes
-    shard = rank_shard(args.batch_size, accelerator.process_index)
-    qp_kwargs = {"qp_lambda": args.qp_lambda} if args.loss == "qp" else {}
-
-    def latents(stream: int, index: int) -> torch.Tensor:
-        z = torch.randn(global_batch, args.latent_dim, generator=run.generator(stream, index))
-        return z[shard].to(accelerator.device)
-
-    def step_fn(step: int) -> dict[str, float]:
-        critic.train()
-        generator.train()
-        c_unwrapped.requires_grad_(True)
-        for k in range(args.critic_steps):
-            x_real, labels = run.next_batch()
-            labels = labels if conditional else None
-            z = latents(CRITIC_NOISE, step * args.critic_steps + k)
-            with torch.no_grad():
-                x_fake = generator(z, labels)
-            t_real, _ = critic(x_real, labels)
-            t_fake, code = critic(x_fake, labels)
-            c_loss = critic_loss_fn(t_real, t_fake, x_real, x_fake, **qp_kwargs)
-            rho = correlation(z, code).mean() if args.ogan else torch.zeros(())
-            c_optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(c_loss - args.correlation_weight * rho)
-            c_optimizer.step()
-        # the generator: fresh z, the last real batch's labels (class frequencies as in the data)
-        c_unwrapped.requires_grad_(False)
-        z = latents(GENERATOR_NOISE, step)
-        with torch.no_grad():
-            t_real, _ = critic(x_real, labels)
-        t_fake, code = critic(generator(z, labels), labels)
-        g_loss = generator_loss_fn(t_real, t_fake)
-        g_rho = correlation(z, code).mean() if args.ogan else torch.zeros(())
-        g_optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(g_loss - args.correlation_weight * g_rho)
-        g_optimizer.step()
-        ema.step(g_unwrapped.parameters())
-        values = {"critic_loss": c_loss.item(), "generator_loss": g_loss.item(),
-                  "delta_t": (t_real - t_fake).mean().item()}
-        if args.ogan:
-            values.update(correlation=g_rho.item())
-        return values
-
+    ema = run.track_ema(g_unwrapped)
+    models = GANModels(generator, critic, c_unwrapped, g_optimizer, c_optimizer)
     info = dict(process="gan", loss=args.loss, ogan=args.ogan, latent_dim=args.latent_dim,
                 critic_steps=args.critic_steps)
 
@@ -246,8 +252,15 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
 
     invariants = {name: getattr(args, name) for name in ("loss", "ogan", "latent_dim", "base_channels",
                                                           "critic_steps")}
-    return run.train(step_fn, invariants, batches_per_step=args.critic_steps,
-                     preview=lambda: preview_grid(pipeline(0), run.num_classes), export=export)
+    return Trainer(step=lambda step: gan_step(run, models, step), export=export, preview=pipeline,
+                   invariants=invariants, batches_per_step=args.critic_steps)
+
+
+def train(args: argparse.Namespace, argv: list[str]) -> Path:
+    """Train (or resume) the GAN run described by ``args``; returns the exported pipeline directory."""
+    check_args(args)
+    run = TrainingRun(args, argv, "train.gan")
+    return run.train(gan_trainer(run))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,19 +14,19 @@ import argparse
 import math
 import os
 import platform
-import shlex
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data import load_dataset
 from evaluation.judge import DEFAULT_JUDGE_PATH, judge_accuracy
 from models.judge import JUDGE_IMAGE_SIZE, MNISTJudge
+from train.run import launch_command, make_accelerator, run_steps
 
 MAX_SHIFT = 2
 MAX_NOISE = 0.5
@@ -46,8 +46,17 @@ def random_noise(images: torch.Tensor, max_sigma: float, generator: torch.Genera
     return (images + sigma * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
 
 
+def epoch_batches(size: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The index batches of ``epochs`` passes over ``size`` items, each pass a fresh permutation from ``generator``
+    (drawn when the pass begins, so the augmentations drawn in between come from the same stream, in order)."""
+    for _ in range(epochs):
+        yield from torch.randperm(size, generator=generator).split(batch_size)
+
+
 def train_judge(epochs: int, seed: int, batch_size: int, learning_rate: float) -> MNISTJudge:
-    """A judge trained from scratch on the ``mnist`` train split with AdamW and a one-cycle schedule; eval mode."""
+    """A judge trained from scratch on the ``mnist`` train split with AdamW and a one-cycle schedule, on the CPU
+    (``train.run``'s accelerator and step loop); eval mode."""
+    accelerator = make_accelerator(cpu=True, mixed_precision="no")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, labels = load_dataset("mnist", image_size=JUDGE_IMAGE_SIZE, split="train").tensors()
@@ -55,18 +64,21 @@ def train_judge(epochs: int, seed: int, batch_size: int, learning_rate: float) -
     total_steps = epochs * math.ceil(len(images) / batch_size)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=learning_rate, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps)
-    with tqdm(total=total_steps, desc="training the MNIST judge") as progress:
-        for epoch in range(1, epochs + 1):
-            for batch in torch.randperm(len(images), generator=generator).split(batch_size):
-                logits = judge(random_noise(random_shift(images[batch], MAX_SHIFT, generator), MAX_NOISE, generator))
-                loss = F.cross_entropy(logits, labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                progress.update()
-                progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-    return judge.eval()
+    judge, optimizer, schedule = accelerator.prepare(judge, optimizer, schedule)
+    batches = epoch_batches(len(images), batch_size, epochs, generator)
+
+    def step(index: int) -> dict[str, float]:
+        batch = next(batches)
+        logits = judge(random_noise(random_shift(images[batch], MAX_SHIFT, generator), MAX_NOISE, generator))
+        loss = F.cross_entropy(logits, labels[batch])
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        schedule.step()
+        return {"loss": loss.item()}
+
+    run_steps(step, 0, total_steps, "training the MNIST judge")
+    return accelerator.unwrap_model(judge).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     judge.save_pretrained(args.out, safe_serialization=True)
-    # the thread count changes the speed and, through float summation order, the weights: it is part of the command.
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = threads + shlex.join(["python", "-m", "train.judge", *argv])
+    command = launch_command(argv, 1, "train.judge")  # with the thread count, which changes the weights
     card = _model_card(judge, args.out, command, accuracy, len(heldout_labels), training_seconds)
     (args.out / "README.md").write_text(card)
     print(f"saved to {args.out}")
@@ -108,7 +118,7 @@ A {parameter_count:,}-parameter CNN digit classifier (`models.judge.MNISTJudge`)
 features drive `evaluation.judge.feature_fid`. Load it with `evaluation.judge.load_judge("{out}")`.
 
 - command: `{command}`
-- data: `train.data.load_dataset("mnist")`, 4,500 train digits at 32×32, random shifts of up to {MAX_SHIFT} pixels
+- data: `data.load_dataset("mnist")`, 4,500 train digits at 32×32, random shifts of up to {MAX_SHIFT} pixels
   and Gaussian pixel noise of σ ∈ [0, {MAX_NOISE}]
 - held-out accuracy: **{accuracy:.2%}** on the {heldout_size} `heldout` digits
 - training time: {training_seconds:.0f} s

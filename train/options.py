@@ -25,7 +25,7 @@ class OptionGroups(NamedTuple):
 def add_common_arguments(parser: argparse.ArgumentParser, lr: float, ema_decay: float) -> OptionGroups:
     """Add the shared options with this trainer's default learning rate and EMA decay; returns the groups."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="mnist", help="mnist, folder:PATH or hf:NAME (see train.data)")
+    data.add_argument("--dataset", default="mnist", help="mnist, folder:PATH or hf:NAME (see data/)")
     data.add_argument("--image-size", type=int, default=32)
     data.add_argument("--max-train-images", type=int, default=None,
                       help="train on a fixed random subset of this many images (for tests and quick runs)")

@@ -15,7 +15,7 @@ Objective per image, in nats, divided by the D pixels (Kingma & Welling 2014 eq.
 Logged per step: the loss, the batch's −ELBO in bits/dim at β = 1 (``elbo_bpd``), its KL part, β, the gradient
 norm and the learning rate (Adam, linear warm-up then cosine decay, gradient clipping). The exported pipeline holds
 the EMA weights and records the held-out −ELBO in bits/dim (one posterior draw per image, seeded) in its
-``model_info``. The loop, checkpoints, resume and logs are ``train.loop``'s.
+``model_info``. The loop, EMA, checkpoints, resume and logs are ``train.run``'s.
 """
 
 from __future__ import annotations
@@ -26,17 +26,16 @@ from pathlib import Path
 
 import torch
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
 from data import load_dataset
 from models.vae import ConvVAE, HierarchicalVAE, discretized_logistic_log_likelihood
 from pipelines import VAEPipeline
-from train.loop import BaselineRun, preview_grid
 from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative, run_main
+from train.run import Trainer, TrainingRun
 
 MODELS = {"conv": ConvVAE, "nvae": HierarchicalVAE}
 DEFAULT_SPECTRAL_REG = {"conv": 0.0, "nvae": 0.1}
-POSTERIOR_NOISE = 2  # random stream (train.diffusion uses 0 for data order, 1 for noise)
+POSTERIOR_NOISE = 2  # random stream (train.batch_order: 0 is the data order)
 EVALUATION_SEED = 0
 EVALUATION_BATCH = 250
 
@@ -114,59 +113,59 @@ def heldout_bits_per_dim(pipeline: VAEPipeline, args: argparse.Namespace) -> flo
     return torch.cat(bits).mean().item()
 
 
-def train(args: argparse.Namespace, argv: list[str]) -> Path:
-    """Train (or resume) the VAE run described by ``args``; returns the exported pipeline directory."""
-    check_args(args)
-    if args.spectral_reg is None:
-        args.spectral_reg = DEFAULT_SPECTRAL_REG[args.model]
-    run = BaselineRun(args, argv, "train.vae")
-    accelerator, conditional = run.accelerator, run.num_classes > 0
+def vae_trainer(run: TrainingRun) -> Trainer:
+    """Build the VAE, Adam with its schedule and the EMA on ``run``; returns their ``Trainer``."""
+    args, accelerator = run.args, run.accelerator
     torch.manual_seed(args.seed)
     model = build_model(args, run.dataset.channels, run.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup, num_training_steps=args.steps)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     unwrapped = accelerator.unwrap_model(model)
-    ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
+    ema = run.track_ema(unwrapped)
     max_grad_norm = args.grad_clip or math.inf
 
-    def step_fn(step: int) -> dict[str, float]:
+    def step(index: int) -> dict[str, float]:
         model.train()
         images, labels = run.next_batch()
-        beta = kl_weight(step, args.kl_warmup, args.kl_min)
-        loss, values = vae_loss(model, images, labels if conditional else None,
-                                run.generator(POSTERIOR_NOISE, step), beta, args.spectral_reg)
+        beta = kl_weight(index, args.kl_warmup, args.kl_min)
+        loss, values = vae_loss(model, images, labels if run.num_classes else None,
+                                run.generator(POSTERIOR_NOISE, index), beta, args.spectral_reg)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         lr = lr_schedule.get_last_lr()[0]
         optimizer.step()
         lr_schedule.step()
-        ema.step(unwrapped.parameters())
         return {"loss": loss.item(), **values, "kl_weight": beta, "grad_norm": float(grad_norm), "lr": lr}
-
-    def pipeline(step: int, info: dict) -> VAEPipeline:
-        copy = type(unwrapped).from_config(unwrapped.config).to(accelerator.device)
-        copy.load_state_dict(unwrapped.state_dict())  # the power-iteration buffers come along
-        ema.copy_to(copy.parameters())
-        pipe = VAEPipeline(copy.eval(), run.info(step, **info))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     info = dict(process="vae", model=args.model, likelihood="discretized logistic, 256 levels on [-1, 1]")
 
-    def export(directory: Path, step: int) -> None:
-        bits = heldout_bits_per_dim(pipeline(step, info), args)
-        pipeline(step, {**info, "heldout_elbo_bits_per_dim": bits}).save_pretrained(directory,
-                                                                                     safe_serialization=True)
+    def pipeline(step_count: int, **extra_info) -> VAEPipeline:
+        copy = type(unwrapped).from_config(unwrapped.config).to(accelerator.device)
+        copy.load_state_dict(unwrapped.state_dict())  # the power-iteration buffers come along
+        ema.copy_to(copy.parameters())
+        pipe = VAEPipeline(copy.eval(), run.info(step_count, **info, **extra_info))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export(directory: Path, step_count: int) -> None:
+        bits = heldout_bits_per_dim(pipeline(step_count), args)
+        pipeline(step_count, heldout_elbo_bits_per_dim=bits).save_pretrained(directory, safe_serialization=True)
         accelerator.print(f"held-out −ELBO: {bits:.4f} bits/dim" if bits is not None else "no held-out split")
 
     invariants = {name: getattr(args, name) for name in ("model", "latent_dim", "base_channels", "width",
                                                           "latent_channels", "groups_per_scale")}
-    return run.train(step_fn, invariants, batches_per_step=1,
-                     preview=lambda: preview_grid(pipeline(0, info), run.num_classes), export=export)
+    return Trainer(step=step, export=export, preview=pipeline, invariants=invariants)
+
+
+def train(args: argparse.Namespace, argv: list[str]) -> Path:
+    """Train (or resume) the VAE run described by ``args``; returns the exported pipeline directory."""
+    check_args(args)
+    if args.spectral_reg is None:
+        args.spectral_reg = DEFAULT_SPECTRAL_REG[args.model]
+    run = TrainingRun(args, argv, "train.vae")
+    return run.train(vae_trainer(run))
 
 
 def main(argv: list[str] | None = None) -> None:
