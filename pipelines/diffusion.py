@@ -226,6 +226,50 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         return latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
 
+    def _guidance_and_labels(self, mode, scale, interval, classifier, class_labels, batch_size, reference_image):
+        """The call's ``Guidance`` and the class labels the network (or, in the classifier modes, the
+        classifier) is given; ValueError for a request the model cannot serve."""
+        if mode is None:
+            mode = "classifier-free" if class_labels is not None and self.null_class_id is not None else "none"
+        guidance = Guidance(mode, float(scale), interval, classifier if classifier is not None else self.classifier)
+        if guidance.mode in CLASSIFIER_MODES:
+            if self.scheduler.config.prediction_type not in PREDICTION_TYPES:
+                raise ValueError(f"classifier guidance rewrites ε, so it needs a model predicting one of "
+                                 f"{PREDICTION_TYPES}; this one predicts {self.scheduler.config.prediction_type!r}")
+            if guidance.mode == "similarity":  # the reference image is the condition; class_labels play no part
+                guidance.reference_features = self._reference_features(reference_image, guidance.classifier)
+                return guidance, None
+            return guidance, self._classifier_labels(class_labels, batch_size, guidance.classifier)
+        labels = self._class_labels(class_labels, batch_size)
+        if guidance.mode == "classifier-free" and self.null_class_id is None:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        if labels is None and scale != 1.0:
+            raise ValueError("guidance_scale needs a class-conditional model or a classifier guidance_mode")
+        return guidance, labels
+
+    def _batch_shape(self, batch_size: int, height: int | None, width: int | None, latents) -> tuple[int, ...]:
+        """(B, C, H, W) of the samples: the trained size unless ``height``/``width`` say otherwise."""
+        channels, trained_height, trained_width = self.sample_shape
+        shape = (batch_size, channels, height or trained_height, width or trained_width)
+        if min(shape[2:]) < 1:
+            raise ValueError(f"height and width must be positive, got {shape[2:]}")
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return shape
+
+    def _step_loop(self, model_call, sample: torch.Tensor, step_kwargs: dict, callback_on_step_end) -> torch.Tensor:
+        """diffusers' loop: one model call and one ``scheduler.step`` per timestep, the callback after each."""
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            output = model_call(self.scheduler.scale_model_input(sample, t), t)
+            step = self.scheduler.step(output, t, sample, **step_kwargs)
+            sample = step.prev_sample
+            if callback_on_step_end is not None:
+                update = callback_on_step_end(
+                    self, i, t, {"sample": sample, "pred_original_sample": step.pred_original_sample})
+                if update and "sample" in update:
+                    sample = update["sample"]
+        return sample
+
     # ---------------------------------------------------------------- sampling
 
     @torch.no_grad()
@@ -280,31 +324,9 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         step_kwargs = self._step_kwargs(eta, generator)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if guidance_mode is None:
-            guidance_mode = "classifier-free" if class_labels is not None and self.null_class_id is not None else "none"
-        guidance = Guidance(guidance_mode, float(guidance_scale), guidance_interval,
-                            classifier if classifier is not None else self.classifier)
-        if guidance.mode in CLASSIFIER_MODES:
-            if self.scheduler.config.prediction_type not in PREDICTION_TYPES:
-                raise ValueError(f"classifier guidance rewrites ε, so it needs a model predicting one of "
-                                 f"{PREDICTION_TYPES}; this one predicts {self.scheduler.config.prediction_type!r}")
-            if guidance.mode == "similarity":  # the reference image is the condition; class_labels play no part
-                labels = None
-                guidance.reference_features = self._reference_features(reference_image, guidance.classifier)
-            else:
-                labels = self._classifier_labels(class_labels, batch_size, guidance.classifier)
-        else:
-            labels = self._class_labels(class_labels, batch_size)
-            if guidance.mode == "classifier-free" and self.null_class_id is None:
-                raise ValueError("classifier-free guidance needs a class-conditional model")
-            if labels is None and guidance_scale != 1.0:
-                raise ValueError("guidance_scale needs a class-conditional model or a classifier guidance_mode")
-        channels, trained_height, trained_width = self.sample_shape
-        shape = (batch_size, channels, height or trained_height, width or trained_width)
-        if min(shape[2:]) < 1:
-            raise ValueError(f"height and width must be positive, got {shape[2:]}")
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        guidance, labels = self._guidance_and_labels(guidance_mode, guidance_scale, guidance_interval, classifier,
+                                                     class_labels, batch_size, reference_image)
+        shape = self._batch_shape(batch_size, height, width, latents)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         sample = self._initial_sample(shape, latents, generator)
@@ -319,15 +341,7 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         if hasattr(self.scheduler, "solve"):  # an adaptive solver chooses its own steps and calls the model
             sample = self.scheduler.solve(model_call, sample)
         else:
-            for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                output = model_call(self.scheduler.scale_model_input(sample, t), t)
-                step = self.scheduler.step(output, t, sample, **step_kwargs)
-                sample = step.prev_sample
-                if callback_on_step_end is not None:
-                    update = callback_on_step_end(
-                        self, i, t, {"sample": sample, "pred_original_sample": step.pred_original_sample})
-                    if update and "sample" in update:
-                        sample = update["sample"]
+            sample = self._step_loop(model_call, sample, step_kwargs, callback_on_step_end)
 
         images = sample if output_type == "raw" else self._image_processor.postprocess(sample.float(), output_type)
         self.maybe_free_model_hooks()

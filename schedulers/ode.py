@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 from .processes import VPProcess, takes_process_config
 from .processes.flow import flow_time
 from .registry import register
-from .sigma_base import SigmaSpaceScheduler
+from .sigma_base import SIGMA_GRID_DEFAULTS, SigmaSpaceScheduler
 
 
 def _pairs(sigmas):
@@ -284,15 +284,10 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
     """Fixed-step solvers of the probability-flow ODE for any model that maps to σ-space."""
 
     @register_to_config
-    @takes_process_config(VPProcess.config_defaults)
+    @takes_process_config({**VPProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
     def __init__(
         self,
         solver: str = "heun",
-        sigma_schedule: str = "karras",
-        rho: float = 7.0,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        final_sigma: str = "zero",
         lower_order_final: bool = False,
         mean_value_points: list[float] | None = None,
     ):
@@ -324,16 +319,12 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
     """
 
     @register_to_config
-    @takes_process_config(VPProcess.config_defaults)
+    @takes_process_config({**VPProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
     def __init__(
         self,
         rtol: float = 1e-3,
         atol: float = 1e-3,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        final_sigma: str = "zero",
         sigma_schedule: str = "log_snr",
-        rho: float = 7.0,
     ):
         if rtol <= 0 or atol <= 0:
             raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")

@@ -31,7 +31,7 @@ REQUIREMENT_HINTS = {
     "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
 }
 
-MAX_STEPS = 1000  # num_inference_steps of one request, for every sampler: the pipeline enforces it, the UI reads it
+MAX_STEPS = 10_000  # num_inference_steps of one request, for every sampler: the pipeline enforces it, the UI reads it
 
 
 def check_range(name: str, value, low: float, high: float, integer: bool = False) -> float | int:

@@ -23,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 
 from .processes import VPProcess, takes_process_config
 from .registry import register
-from .sigma_base import SigmaSpaceScheduler
+from .sigma_base import SIGMA_GRID_DEFAULTS, SigmaSpaceScheduler
 
 
 def _per_sample_norm(x):
@@ -73,17 +73,13 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
     supported_processes = ("vp", "flow")
 
     @register_to_config
-    @takes_process_config(VPProcess.config_defaults)
+    @takes_process_config({**VPProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
     def __init__(
         self,
         noise_level: float = 1.0,
         corrector_steps: int = 0,
         snr: float = 0.16,
         sigma_schedule: str = "uniform_t",
-        rho: float = 7.0,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        final_sigma: str = "zero",
     ):
         if not 0.0 <= noise_level <= 1.0:
             raise ValueError(f"noise_level must be in [0, 1] (0: the ODE, 1: the reverse SDE), got {noise_level}")

@@ -31,6 +31,10 @@ from .processes import GAUSSIAN_SIGMA_PROCESSES, sigma_process
 from .sigmas import make_sigmas
 
 FINAL_SIGMAS = ("zero", "sigma_min")
+# The σ grid's config keys, which every σ-space scheduler takes and ``set_timesteps`` reads; a scheduler that wants
+# another default declares the key itself (the SDEs' grid is uniform in t, rk45's geometric).
+SIGMA_GRID_DEFAULTS = {"sigma_schedule": "karras", "rho": 7.0, "sigma_min": None, "sigma_max": None,
+                       "final_sigma": "zero"}
 
 
 class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
