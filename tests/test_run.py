@@ -19,7 +19,7 @@ from train.run import MetricsLog, StopRequest, launch_command, run_steps, weight
 
 
 class FakePipeline:
-    """Answers a call with images whose pixel value is the class label / 10 (0.9 without labels)."""
+    """Answers a call with raw images (in [-1, 1]) that show as the class label / 4 (0.75 without labels; both exact in binary)."""
 
     def __init__(self, num_classes: int, size: int = 3, channels: int = 1):
         self.num_classes, self.size, self.channels = num_classes, size, channels
@@ -28,9 +28,9 @@ class FakePipeline:
     def __call__(self, batch_size, generator, class_labels, output_type, **kwargs):
         self.calls.append({"batch_size": batch_size, "class_labels": class_labels, "output_type": output_type,
                            **kwargs})
-        values = class_labels.float() / 10 if class_labels is not None else torch.full((batch_size,), 0.9)
-        images = values[:, None, None, None].expand(batch_size, self.size, self.size, self.channels)
-        return SimpleNamespace(images=images.numpy())
+        values = class_labels.float() / 4 if class_labels is not None else torch.full((batch_size,), 0.75)
+        images = values[:, None, None, None].expand(batch_size, self.channels, self.size, self.size)
+        return SimpleNamespace(images=images * 2 - 1)
 
 
 def test_image_grid_has_a_row_per_class_with_grey_borders_and_passes_the_call_options():
@@ -38,19 +38,19 @@ def test_image_grid_has_a_row_per_class_with_grey_borders_and_passes_the_call_op
     grid = np.asarray(image_grid(pipeline, 5, seed=1, num_inference_steps=7, guidance_scale=2.0))
     assert grid.shape == (3 * 5, 5 * 5)  # rows · (H + 2), columns · (W + 2); grey-scale
     assert pipeline.calls == [{"batch_size": 15, "class_labels": pipeline.calls[0]["class_labels"],
-                               "output_type": "np", "num_inference_steps": 7, "guidance_scale": 2.0}]
+                               "output_type": "raw", "num_inference_steps": 7, "guidance_scale": 2.0}]
     assert pipeline.calls[0]["class_labels"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
     for row in range(3):
         cell = grid[row * 5:(row + 1) * 5, 5:10]
         assert (cell[0] == 128).all() and (cell[:, -1] == 128).all()  # 1-pixel borders, grey 0.5
-        assert (cell[1:-1, 1:-1] == round(row / 10 * 255)).all()
+        assert (cell[1:-1, 1:-1] == round(row / 4 * 255)).all()
 
 
 def test_image_grid_of_an_unconditional_colour_pipeline_has_four_rows():
     pipeline = FakePipeline(num_classes=0, size=2, channels=3)
     grid = np.asarray(image_grid(pipeline, 2))
     assert grid.shape == (4 * 4, 2 * 4, 3)
-    assert pipeline.calls[0]["class_labels"] is None and (grid[1:3, 1:3] == round(0.9 * 255)).all()
+    assert pipeline.calls[0]["class_labels"] is None and (grid[1:3, 1:3] == round(0.75 * 255)).all()
 
 
 def test_run_steps_starts_where_told_and_stops_when_after_step_says_so():
