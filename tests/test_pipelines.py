@@ -70,8 +70,8 @@ def test_readme_tour_ddim_in_ddpm_pipeline():
 
 
 # README, "Which diffusers pipelines take which samplers": diffusers' DDPMPipeline and DDIMPipeline start from unit
-# noise and never call scale_model_input, so they take the samplers that need neither, DDIMPipeline only DDIM's
-# class (it passes η and use_clipped_model_output to step); the σ-space samplers need both (Stable Diffusion's loop).
+# noise and never call scale_model_input, so they take the samplers that need neither (DDIMPipeline: DDIM's class,
+# with its own η); the σ-space samplers need them (Stable Diffusion's loop, tests/test_stable_diffusion.py).
 VP_FIXED_STEP = [name for name, spec in schedulers.SAMPLERS.items() if spec.drives("vp") and not spec.adaptive]
 UNIT_NOISE = ["ddim", "ddim-eta1", "ddim-beta", "analytic-ddpm", "analytic-ddim", "ddpm", "ddpm-large"]
 MODEL_SUPPLIES = model_supplies(20)

@@ -109,6 +109,9 @@ def test_every_vp_sampler_runs_in_stable_diffusion_as_by_hand(sd_pipe, name):
     assert piped.shape == (1, 3, SIZE, SIZE) and torch.isfinite(piped).all()
     expected = by_hand(sd_pipe, sd_pipe.scheduler, initial_noise(), seeded(2), **step_kwargs)
     assert torch.allclose(piped, expected, atol=1e-5)
+    if "eta" in step_kwargs:  # without eta= the pipeline passes its own, 0, not the sampler's
+        assert torch.allclose(run_pipeline(sd_pipe), by_hand(sd_pipe, sd_pipe.scheduler, initial_noise(), seeded(2),
+                                                             eta=0.0), atol=1e-5)
 
 
 def test_from_config_swaps_a_sampler_in_as_the_readme_shows(sd_pipe):
