@@ -41,3 +41,14 @@ def make_pipeline(mixture, scheduler, prediction_type="epsilon"):
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def model_supplies(num_inference_steps: int) -> dict:
+    """What a model supplies to the samplers that ``require`` more than its scheduler config: a flat Analytic-DPM
+    table E‖ε_θ‖²/d, and one mean-value point per step (the interval's midpoint)."""
+    return {"eps_second_moment": [0.5] * 1000, "mean_value_points": [0.5] * num_inference_steps}
+
+
+def step_defaults(spec) -> dict:
+    """A registry entry's ``step`` knobs at their defaults (DDIM's η), for pipelines that pass them to ``step``."""
+    return {knob.name: knob.default for knob in spec.knobs if knob.target == "step"}

@@ -1,6 +1,7 @@
 """The image pipeline: diffusers interoperability both ways, reproducibility, CFG, outputs, callbacks, errors."""
 
 import math
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -13,9 +14,10 @@ from evaluation.distances import sliced_wasserstein
 from evaluation.exact import ExactScoreModel
 from pipelines import DiffusionImagePipeline
 
-from .conftest import make_pipeline, seeded
+from .conftest import make_pipeline, model_supplies, seeded, step_defaults
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 @pytest.fixture(scope="module")
 def conditional_unet():
@@ -43,12 +45,70 @@ def test_diffusers_schedulers_run_in_our_pipeline(mixture, scheduler_class):
 def test_our_schedulers_drop_into_diffusers_pipelines(mixture, ours, theirs, kwargs):
     model = ExactScoreModel.from_mixture(mixture)
     their_pipe = theirs(unet=model, scheduler=ours(clip_sample=False))
+    their_pipe.scheduler = ours(clip_sample=False)  # DDIMPipeline.__init__ rebuilt diffusers' own DDIMScheduler
+    assert type(their_pipe.scheduler) is ours
     their_pipe.set_progress_bar_config(disable=True)
     their_images = their_pipe(batch_size=4, num_inference_steps=20, generator=seeded(0), output_type="np",
                               **kwargs).images
     our_images = make_pipeline(mixture, ours(clip_sample=False))(
         batch_size=4, num_inference_steps=20, generator=seeded(0), output_type="np", **kwargs).images
     assert np.abs(their_images - our_images).max() <= 1e-6
+
+
+def test_readme_tour_ddim_in_ddpm_pipeline():
+    """README's tour: the shipped exact MNIST model and DDIM η = 1 from its config in diffusers' ``DDPMPipeline``,
+    which passes no class labels (the model's mixture over all digits) — the same images as our pipeline's."""
+    model = DiffusionImagePipeline.from_pretrained(CHECKPOINTS / "mnist-exact")
+    scheduler = schedulers.DDIMScheduler.from_config(model.scheduler.config, eta=1.0)
+    theirs = diffusers.DDPMPipeline(unet=model.unet, scheduler=scheduler)
+    theirs.set_progress_bar_config(disable=True)
+    images = theirs(batch_size=2, num_inference_steps=5, generator=seeded(0), output_type="np").images
+    model.scheduler = scheduler
+    model.set_progress_bar_config(disable=True)
+    ours = model(batch_size=2, num_inference_steps=5, generator=seeded(0), output_type="np").images
+    assert images.shape == (2, 32, 32, 1) and np.abs(images - ours).max() <= 1e-5
+
+
+# README, "Which diffusers pipelines take which samplers": diffusers' DDPMPipeline and DDIMPipeline start from unit
+# noise and never call scale_model_input, so they take the samplers that need neither (DDIMPipeline: DDIM's class,
+# with its own η); the σ-space samplers need them (Stable Diffusion's loop, tests/test_stable_diffusion.py).
+VP_FIXED_STEP = [name for name, spec in schedulers.SAMPLERS.items() if spec.drives("vp") and not spec.adaptive]
+UNIT_NOISE = ["ddim", "ddim-eta1", "ddim-beta", "analytic-ddpm", "analytic-ddim", "ddpm", "ddpm-large"]
+MODEL_SUPPLIES = model_supplies(20)
+
+
+@pytest.mark.parametrize("theirs, name", [(diffusers.DDPMPipeline, name) for name in UNIT_NOISE] + [
+    (diffusers.DDIMPipeline, name) for name in UNIT_NOISE
+    if schedulers.get_sampler(name).scheduler_class is schedulers.DDIMScheduler])
+def test_unit_noise_samplers_run_in_diffusers_unconditional_pipelines(mixture, theirs, name):
+    spec = schedulers.get_sampler(name)
+    step_kwargs = step_defaults(spec)
+    pass_eta = step_kwargs if theirs is diffusers.DDIMPipeline else {}  # DDPMPipeline passes none: the config's η
+    their_pipe = theirs(unet=ExactScoreModel.from_mixture(mixture), scheduler=spec.create(MODEL_SUPPLIES))
+    their_pipe.scheduler = spec.create(MODEL_SUPPLIES)  # as above: DDIMPipeline.__init__ rebuilds diffusers' own
+    their_pipe.set_progress_bar_config(disable=True)
+    their_images = their_pipe(batch_size=4, num_inference_steps=20, generator=seeded(0), output_type="np",
+                              **pass_eta).images
+    our_images = make_pipeline(mixture, spec.create(MODEL_SUPPLIES))(
+        batch_size=4, num_inference_steps=20, generator=seeded(0), output_type="np", **step_kwargs).images
+    assert np.abs(their_images - our_images).max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", VP_FIXED_STEP)
+def test_only_the_unit_noise_samplers_skip_noise_scaling(name):
+    scheduler = schedulers.get_sampler(name).create(MODEL_SUPPLIES)
+    scheduler.set_timesteps(20)
+    x = torch.randn(1, 1, 4, 4, generator=seeded(0))
+    unscaled = torch.equal(scheduler.scale_model_input(x, scheduler.timesteps[0]), x)
+    assert (scheduler.init_noise_sigma == 1 and unscaled) == (name in UNIT_NOISE)
+
+
+def test_diffusers_unconditional_pipelines_pass_no_class_labels(conditional_unet):
+    for theirs in (diffusers.DDPMPipeline, diffusers.DDIMPipeline):
+        pipe = theirs(unet=conditional_unet, scheduler=schedulers.DDIMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match="class_labels should be provided"):
+            pipe(batch_size=1, num_inference_steps=2)
 
 
 @pytest.mark.parametrize("use_exact_model", [True, False])
