@@ -154,10 +154,10 @@ def _call_arguments(job: Job, loaded: models.LoadedModel, on_step, step_knobs: d
                       guidance_scale=1.0 if job.guidance_mode == "none" else job.guidance_scale)
         if job.guidance_mode in models.NEEDS_REFERENCE:
             kwargs["reference_image"] = job.reference
-    if job.image is not None:
-        kwargs.update(image=job.image, strength=job.strength)
     else:  # a pipeline with classifier-free guidance only, through guidance_scale (1: plain conditional)
         kwargs["guidance_scale"] = job.guidance_scale if job.guidance_mode == "classifier-free" else 1.0
+    if job.image is not None:
+        kwargs.update(image=job.image, strength=job.strength)
 
     def callback(pipeline, i, t, tensors):
         on_step(i, tensors.get("pred_original_sample"))
