@@ -1,4 +1,5 @@
-"""Generate tab: one model, one sampler, a batch of images with live x̂0 previews, Stop, PNGs with their settings.
+"""Generate tab: one model, one sampler, a batch of images with live x̂0 previews, Stop, PNGs with their settings;
+optionally from an uploaded image at a strength (img2img, SDEdit with a stochastic sampler).
 
 The sampler runs in a worker thread; the handler is a generator that forwards its step events to the page
 (progress bar, a preview every few steps). Stop sets the session's flag, and the next step callback raises
