@@ -9,6 +9,12 @@ is affine in ε with the same coefficients at fixed (x_t, t), so mixing raw mode
 mixing ε whatever the model predicts. The unconditional output is the model's answer for the null class
 id ``num_class_embeds − 1`` that label dropout trained it on. Classifier, clean-classifier and similarity
 guidance rewrite the output through ε̃ = ε − β̄ γ ∇ log p(y | x_t) (``guidance.py``).
+
+Image-to-image (``image``, ``strength`` s ∈ (0, 1]) is diffusers' ``StableDiffusionImg2ImgPipeline`` recipe: of n
+steps run the last ⌊n·s⌋, starting from the input noised to the first of them, x_t = ``scheduler.add_noise(x0, ε,
+t)``. With a stochastic sampler this is SDEdit (Meng et al. 2022, "SDEdit: guided image synthesis and editing
+with stochastic differential equations"): the noise washes out the input's detail below the noise level at t, and
+the reverse SDE fills it back in from the model, so small s keeps the image and s = 1 is plain generation.
 """
 
 from __future__ import annotations
@@ -32,7 +38,61 @@ from .guidance import CLASSIFIER_MODES, Guidance, classifier_guided_output
 from .loading import ComponentImportingPipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "raw")
+IMG2IMG_STRENGTH = 0.8  # the default strength with an image (diffusers' StableDiffusionImg2ImgPipeline's)
 MAX_GUIDANCE = 100.0  # |guidance_scale| of one request; the UI reads it
+
+
+def check_noises_images(scheduler) -> None:
+    """ValueError unless ``scheduler`` (a scheduler or its class) can start from a noised image (img2img, SDEdit).
+
+    That takes diffusers' ``add_noise`` (x_t from x0 and Gaussian noise at a timestep of the grid) and a
+    fixed-step loop that can start partway down its grid. A scheduler that draws its own non-Gaussian prior
+    (``sample_prior``: PFGM++'s heavy tails, UDM's degraded image) or chooses its own steps (``solve``) has neither.
+    """
+    name = scheduler.__name__ if isinstance(scheduler, type) else type(scheduler).__name__
+    if hasattr(scheduler, "solve"):
+        raise ValueError(f"{name} chooses its own steps (solve()), so it cannot start partway from an image; "
+                         "use a fixed-step sampler for img2img")
+    if hasattr(scheduler, "sample_prior"):
+        raise ValueError(f"{name} draws its own prior (sample_prior), not Gaussian noise, so it cannot noise an "
+                         "image for img2img")
+    if not hasattr(scheduler, "add_noise"):
+        raise ValueError(f"{name} has no add_noise, so it cannot noise an image for img2img")
+
+
+def image_tensor(name: str, image, shape: tuple[int, int, int], batch_size: int | None = None):
+    """``image`` (PIL, converted to the model's channels, or a (C, H, W) / (B, C, H, W) tensor in [-1, 1]) as a
+    float (B, C, H, W) tensor; ValueError naming ``name`` unless its (C, H, W) is ``shape`` and, when
+    ``batch_size`` is given, its B is 1 or ``batch_size``."""
+    if isinstance(image, PIL.Image.Image):
+        if shape[0] not in (1, 3):
+            raise ValueError(f"{name}: a PIL image has 1 or 3 channels; this model takes {shape[0]}, so pass a tensor")
+        image = image.convert("L" if shape[0] == 1 else "RGB")
+        array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, shape[0])
+        image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+    try:
+        tensor = torch.as_tensor(image, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a PIL image or a tensor in [-1, 1], got {type(image).__name__}") from None
+    tensor = tensor[None] if tensor.ndim == 3 else tensor
+    batch_ok = batch_size is None or len(tensor) in (1, batch_size)
+    if tensor.ndim != 4 or tuple(tensor.shape[1:]) != tuple(shape) or not batch_ok:
+        batches = "" if batch_size is None else f" in a batch of 1 or {batch_size}"
+        raise ValueError(f"{name} must be (C, H, W) = {tuple(shape)} like the samples{batches}, "
+                         f"got {tuple(tensor.shape)}")
+    return tensor
+
+
+def img2img_steps(num_inference_steps: int, strength) -> int:
+    """diffusers' ``get_timesteps``: of ``num_inference_steps`` steps img2img runs the last
+    ⌊steps·strength⌋. ValueError for a strength outside (0, 1] or one that leaves no step."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    if init_timestep < 1:
+        raise ValueError(f"strength {strength} of {num_inference_steps} steps runs no step; raise the strength "
+                         "or the steps")
+    return init_timestep
 
 
 def _per_image_labels(class_labels, batch_size: int) -> torch.Tensor:
@@ -175,16 +235,7 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         """E(y_ref, 0): the noisy classifier's features of the clean reference image."""
         if reference_image is None:
             raise ValueError("similarity guidance needs a reference_image")
-        if isinstance(reference_image, PIL.Image.Image):
-            channels = self.sample_shape[0]
-            image = reference_image.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
-            reference_image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
-        reference = torch.as_tensor(reference_image, dtype=torch.float32)
-        reference = reference[None] if reference.ndim == 3 else reference
-        if reference.ndim != 4 or reference.shape[1:] != self.sample_shape:
-            raise ValueError(f"reference_image must be {self.sample_shape} like the samples, "
-                             f"got {tuple(reference.shape)}")
+        reference = image_tensor("reference_image", reference_image, self.sample_shape)
         with torch.no_grad():
             return classifier.features(reference.to(self.device, next(classifier.parameters()).dtype), 0)
 
@@ -257,9 +308,22 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return shape
 
-    def _step_loop(self, model_call, sample: torch.Tensor, step_kwargs: dict, callback_on_step_end) -> torch.Tensor:
+    def _noised_image(self, image: torch.Tensor, t_start: int, shape, latents, generator):
+        """img2img's start: the grid's timesteps from ``t_start`` on, and the image noised to the first of them,
+        ``scheduler.add_noise(x0, ε, timesteps[:1])`` (ε: ``latents``, or drawn like plain generation's x_T)."""
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start)
+        timesteps = self.scheduler.timesteps[t_start:]
+        noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device,
+                                                                 dtype=self.unet.dtype)
+        x0 = image.to(self.device, self.unet.dtype).expand(shape)
+        sample = self.scheduler.add_noise(x0, noise.to(self.device, self.unet.dtype), timesteps[:1].repeat(shape[0]))
+        return timesteps, sample
+
+    def _step_loop(self, model_call, sample: torch.Tensor, timesteps, step_kwargs: dict,
+                   callback_on_step_end) -> torch.Tensor:
         """diffusers' loop: one model call and one ``scheduler.step`` per timestep, the callback after each."""
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             output = model_call(self.scheduler.scale_model_input(sample, t), t)
             step = self.scheduler.step(output, t, sample, **step_kwargs)
             sample = step.prev_sample
@@ -291,6 +355,8 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         guidance_interval: tuple[float, float] | None = None,
         classifier: torch.nn.Module | None = None,
         reference_image: torch.Tensor | PIL.Image.Image | None = None,
+        image: torch.Tensor | PIL.Image.Image | None = None,
+        strength: float | None = None,
     ):
         """Generate ``batch_size`` images.
 
@@ -316,6 +382,13 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
             classifier: the classifier for the classifier modes (default: the pipeline's ``classifier``); a clean
                 classifier of images for "classifier-x0".
             reference_image: the image similarity guidance steers toward ((C, H, W) or (1, C, H, W) in [-1, 1], or PIL).
+            image: img2img's input ((C, H, W) or (B, C, H, W) tensor in [-1, 1], B = 1 or ``batch_size``; or PIL,
+                converted to the model's channels), of the samples' size. With a stochastic sampler this is SDEdit
+                (Meng et al. 2022). Needs a scheduler with ``add_noise`` and fixed steps (``check_noises_images``).
+                ``latents`` are then the noise ε that ``add_noise`` mixes in.
+            strength: s ∈ (0, 1], how far down the grid the image is noised: the last ⌊n·s⌋ of the n steps run
+                (so NFE falls with it); 1 starts from (nearly) pure noise. Default ``IMG2IMG_STRENGTH`` with an
+                image; without one only 1 (plain generation).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -327,9 +400,20 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         guidance, labels = self._guidance_and_labels(guidance_mode, guidance_scale, guidance_interval, classifier,
                                                      class_labels, batch_size, reference_image)
         shape = self._batch_shape(batch_size, height, width, latents)
+        if image is None:
+            if strength is not None and strength != 1.0:
+                raise ValueError(f"strength {strength!r} applies to an image; pass image, or leave strength unset")
+        else:
+            check_noises_images(self.scheduler)
+            image = image_tensor("image", image, shape[1:], batch_size)
+            run = img2img_steps(num_inference_steps, IMG2IMG_STRENGTH if strength is None else strength)
+            t_start = (num_inference_steps - run) * self.scheduler.order  # the first evaluation it runs
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        sample = self._initial_sample(shape, latents, generator)
+        if image is None:
+            timesteps, sample = self.scheduler.timesteps, self._initial_sample(shape, latents, generator)
+        else:
+            timesteps, sample = self._noised_image(image, t_start, shape, latents, generator)
         nfe = 0
 
         def model_call(x, t):
@@ -341,7 +425,7 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         if hasattr(self.scheduler, "solve"):  # an adaptive solver chooses its own steps and calls the model
             sample = self.scheduler.solve(model_call, sample)
         else:
-            sample = self._step_loop(model_call, sample, step_kwargs, callback_on_step_end)
+            sample = self._step_loop(model_call, sample, timesteps, step_kwargs, callback_on_step_end)
 
         images = sample if output_type == "raw" else self._image_processor.postprocess(sample.float(), output_type)
         self.maybe_free_model_hooks()

@@ -6,6 +6,7 @@ import json
 import sys
 
 import gradio as gr
+import numpy as np
 import PIL.Image
 import pytest
 
@@ -155,6 +156,24 @@ def test_stop_really_stops_the_sampler(catalog):
     message = rest[-1][2]
     assert message.startswith("stopped after step")
     assert int(message.split()[3]) < 1000
+
+
+def test_img2img_starts_from_the_uploaded_image(catalog):
+    """An upload and a strength: fewer steps run (NFE), the samples stay near the image, the PNGs record it."""
+    *_, (gallery, _, _, _, _) = run_generate(catalog, batch=1, class_name="7", guidance_mode="none")
+    digit = PIL.Image.open(gallery[0])
+    pixels = np.asarray(digit, dtype=float)
+    *_, (paths, _, info, _, _) = run_generate(catalog, batch=2, class_name="7", guidance_mode="none", steps=10, seed=8,
+                                              image=digit.convert("RGB"), strength=0.2)
+    assert "img2img from the image at strength 0.2 (2 steps run)" in info and "NFE 2 per image" in info
+    settings = json.loads(PIL.Image.open(paths[0]).text["parameters"])
+    assert settings["strength"] == 0.2 and "image" not in settings
+    near = [np.abs(np.asarray(PIL.Image.open(path), dtype=float) - pixels).mean() for path in paths]
+    *_, (plain, _, _, _, _) = run_generate(catalog, batch=2, class_name="7", guidance_mode="none", steps=10, seed=8)
+    far = [np.abs(np.asarray(PIL.Image.open(path), dtype=float) - pixels).mean() for path in plain]
+    assert max(near) < 0.5 * min(far), (near, far)
+    *_, (_, _, info, _, _) = run_generate(catalog, batch=1, strength=0.2)  # no image: the slider plays no part
+    assert "img2img" not in info and "NFE 8 per image" in info
 
 
 def test_noise_level_and_eta_change_the_samples(catalog):

@@ -6,6 +6,7 @@ One table: (handler, changed inputs, expected message). Handlers are the functio
 import math
 
 import gradio as gr
+import PIL.Image
 import pytest
 
 from tests.app_helpers import GENERATE, make_catalog, make_model_root
@@ -31,6 +32,7 @@ def runs(tmp_path_factory):
     return Runs(base, base / "runs", data_roots=[base])
 
 
+DIGIT = PIL.Image.new("L", (32, 32))
 VP = next(label for label in trainers() if "(vp-eps)" in label)
 TRAIN = {"name": "run-1", "trainer": VP, "dataset_kind": DATASETS[0], "dataset_text": "", "preset": "tiny",
          "steps": 10, "batch": 8, "lr": 1e-3, "checkpoint_every": 5, "sample_every": 0, "max_images": 0, "extra": ""}
@@ -111,6 +113,20 @@ CASES = [
     (call_generate, {"resolution": 10**5}, r"resolution must be in \[0, 512\]"),
     (call_generate, {"backend": "cuda-magic"}, "attention backend 'cuda-magic' is not one of"),
     (call_generate, {"preview_every": -1}, r"preview every must be in \[0, 10000\]"),
+    # ---- img2img: the image, its strength, samplers that cannot start from one
+    (call_generate, {"image": DIGIT, "strength": 0}, r"strength must be a number in \(0, 1\], got 0"),
+    (call_generate, {"image": DIGIT, "strength": 1.5}, r"strength must be a number in \(0, 1\], got 1.5"),
+    (call_generate, {"image": DIGIT, "strength": None}, r"strength must be a number in \(0, 1\], got None"),
+    (call_generate, {"image": DIGIT, "strength": 0.1}, "strength 0.1 of 4 steps runs no step"),
+    (call_generate, {"image": PIL.Image.new("L", (28, 28))},
+     r"image must be \(C, H, W\) = \(1, 32, 32\) like the samples, got \(1, 1, 28, 28\)"),
+    (call_generate, {"image": "digit.png"}, "image must be an uploaded picture, got str"),
+    (call_generate, {"image": DIGIT, "sampler": "rk45"}, r"chooses its own steps \(solve\(\)\)"),
+    (call_generate, {"image": DIGIT, "model": "mnist-pfgmpp", "sampler": "pfgmpp-heun", "guidance_mode": "none"},
+     r"draws its own prior \(sample_prior\)"),
+    (call_generate, {"image": DIGIT, "model": "mnist-gan-qp", "guidance_mode": "none"}, "cannot start from an image"),
+    (call_compare, {"base": {"image": PIL.Image.new("L", (8, 8))}}, r"image must be \(C, H, W\)"),
+
     # ---- Compare: axes, ranges, cells
     (call_compare, {"axes": {0: "—"}}, "choose at least one axis"),
     (call_compare, {"axes": {4: "sampler", 5: "heun"}}, "Z axis: sampler is already an axis"),

@@ -8,7 +8,6 @@ feature-FID and accuracy on N extra samples (``webui.quality``). The grid PNG an
 """
 
 import csv
-import dataclasses
 import itertools
 
 import gradio as gr
@@ -171,7 +170,7 @@ def table(rows: list[dict]) -> pandas.DataFrame:
 
 def export(grid: PIL.Image.Image, rows: list[dict], jobs: list[tuple[tuple, Job]], axes) -> list[str]:
     folder = output_dir()
-    base = {k: v for k, v in dataclasses.asdict(jobs[0][1]).items() if k != "reference"}
+    base = jobs[0][1].settings()
     grid_path = save_png(grid, folder / "compare.png", {"base": base, "axes": dict(axes), "cells": rows})
     with open(folder / "compare.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))

@@ -1,4 +1,5 @@
-"""Generate tab: one model, one sampler, a batch of images with live x̂0 previews, Stop, PNGs with their settings.
+"""Generate tab: one model, one sampler, a batch of images with live x̂0 previews, Stop, PNGs with their settings;
+optionally from an uploaded image at a strength (img2img, SDEdit with a stochastic sampler).
 
 The sampler runs in a worker thread; the handler is a generator that forwards its step events to the page
 (progress bar, a preview every few steps). Stop sets the session's flag, and the next step callback raises
@@ -12,6 +13,7 @@ import threading
 import gradio as gr
 
 import schedulers
+from pipelines.diffusion import IMG2IMG_STRENGTH
 from schedulers.registry import MAX_STEPS
 from webui import models
 from webui.sampling import (
@@ -56,7 +58,7 @@ def stream(catalog: models.ModelCatalog, job: Job, preview_every: int, flag: thr
             if kind == "step":
                 step, image = payload
                 if progress is not None:
-                    progress((step + 1, job.steps), desc="sampling")
+                    progress((step + 1, job.steps_run), desc="sampling")
                 if image is not None:
                     yield "preview", step, image
             elif kind == "error":
@@ -83,25 +85,27 @@ def settings_text(job: Job, result) -> str:
         sampler = f"**{job.sampler}** (adaptive steps)"
     else:
         sampler = f"**{job.sampler}**, {job.steps} steps"
+    if job.image is not None:
+        sampler += f" · img2img from the image at strength {job.strength:g} ({job.steps_run} steps run)"
     return f"{sampler} · NFE {result.nfe} per image · {result.seconds:.2f} s · seed {job.seed}"
 
 
 def make_handler(catalog: models.ModelCatalog):
     def generate(model, sampler, steps, noise, guidance_mode, guidance_scale, reference, class_name, seed,
-                 random_seed, batch, resolution, backend, preview_every, request: gr.Request = None,
-                 progress=gr.Progress()):  # noqa: B008  (gradio injects the bar)
+                 random_seed, batch, resolution, backend, preview_every, image=None, strength=None,
+                 request: gr.Request = None, progress=gr.Progress()):  # noqa: B008  (gradio injects the bar)
         """Outputs: gallery (PNG paths), preview, info, files to download, the seed used."""
         if random_seed:
             seed = secrets.randbelow(MAX_RANDOM_SEED)
         job = parse_job(catalog, model, sampler, steps, noise, guidance_mode, guidance_scale, class_name, seed,
-                        batch, resolution, backend, reference)
+                        batch, resolution, backend, reference, image, strength)
         every = number("preview every", preview_every, 0, MAX_STEPS, integer=True)
         for kind, *payload in stream(catalog, job, every, STOP.begin(request), progress):
             if kind == "preview":
                 step, image = payload
-                yield gr.update(), image, f"step {step + 1}/{job.steps} · x̂0 preview", gr.update(), job.seed
+                yield gr.update(), image, f"step {step + 1}/{job.steps_run} · x̂0 preview", gr.update(), job.seed
             elif kind == "stopped":
-                yield gr.update(), gr.update(), f"stopped after step {payload[0]} of {job.steps}", gr.update(), \
+                yield gr.update(), gr.update(), f"stopped after step {payload[0]} of {job.steps_run}", gr.update(), \
                     job.seed
             else:
                 result = payload[0]
@@ -171,6 +175,11 @@ def build(catalog: models.ModelCatalog) -> dict:
                 w["guidance_scale"] = gr.Slider(0.0, 20.0, value=2.0, step=0.5, label="guidance scale")
             w["reference"] = gr.Image(label="reference image (similarity guidance)", type="pil", visible=False)
             w["class_name"] = gr.Dropdown(classes, value=classes[0], label="class")
+            with gr.Accordion("img2img / SDEdit", open=False):
+                w["image"] = gr.Image(label="start from this image (the model's size; empty: from noise)", type="pil")
+                w["strength"] = gr.Slider(0.05, 1.0, value=IMG2IMG_STRENGTH, step=0.05, label="strength",
+                                          info="how far the image is noised: the last steps × strength run; "
+                                               "a stochastic sampler makes this SDEdit")
             with gr.Row():
                 w["seed"] = gr.Number(value=0, precision=0, label="seed", minimum=0)
                 w["random_seed"] = gr.Checkbox(value=False, label="random seed (shows the one used)")
@@ -206,4 +215,4 @@ def wire(catalog: models.ModelCatalog, w: dict) -> None:
 
 
 INPUTS = ("model", "sampler", "steps", "noise", "guidance_mode", "guidance_scale", "reference", "class_name", "seed",
-          "random_seed", "batch", "resolution", "backend", "preview_every")
+          "random_seed", "batch", "resolution", "backend", "preview_every", "image", "strength")

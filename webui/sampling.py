@@ -25,7 +25,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 import schedulers
-from pipelines.diffusion import MAX_GUIDANCE
+from pipelines.diffusion import MAX_GUIDANCE, check_noises_images, image_tensor, img2img_steps
 from schedulers.registry import MAX_STEPS
 from webui import models
 from webui.validation import batch_memory, choice, number, user_error
@@ -55,10 +55,17 @@ class Job:
     resolution: int  # 0: the size the model was trained at
     backend: str
     reference: PIL.Image.Image | None = field(default=None, compare=False)
+    image: PIL.Image.Image | None = field(default=None, compare=False)  # img2img's input (SDEdit)
+    strength: float | None = None  # img2img's strength, with an image only
 
     def settings(self) -> dict:
-        """What reproduces the images (PNG metadata, CSV rows)."""
-        return {k: v for k, v in asdict(self).items() if k != "reference"}
+        """What reproduces the images (PNG metadata, CSV rows), besides the uploaded images themselves."""
+        return {k: v for k, v in asdict(self).items() if k not in ("reference", "image")}
+
+    @property
+    def steps_run(self) -> int:
+        """The steps that run: all of them, or img2img's last ⌊steps·strength⌋."""
+        return self.steps if self.image is None else img2img_steps(self.steps, self.strength)
 
 
 @dataclass
@@ -69,8 +76,9 @@ class Result:
 
 
 def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidance_mode, guidance_scale, class_name,
-              seed, batch, resolution, backend, reference=None) -> Job:
-    """Check every setting against the model; ``gr.Error`` names the first bad one."""
+              seed, batch, resolution, backend, reference=None, image=None, strength=None) -> Job:
+    """Check every setting against the model; ``gr.Error`` names the first bad one. With an ``image``, img2img
+    from it at ``strength`` (the pipeline's checks: the sampler can noise an image, the strength, the size)."""
     loaded = catalog.load(model)
     pipe = loaded.pipe
     if loaded.scheduler_config is not None:
@@ -110,8 +118,21 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
     backend = choice("attention backend", backend, models.attention_backends(pipe))
     if isinstance(reference, np.ndarray):
         reference = PIL.Image.fromarray(reference)
+    if image is None:
+        strength = None  # the slider only matters with an image
+    else:
+        image = PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        if not isinstance(image, PIL.Image.Image):
+            raise gr.Error(f"image must be an uploaded picture, got {type(image).__name__}")
+        accepted = models.call_parameters(pipe)
+        if sampler is None or (accepted is not None and "image" not in accepted):
+            raise gr.Error(f"{model} cannot start from an image (no img2img); clear the image")
+        user_error(check_noises_images, spec.scheduler_class)
+        user_error(img2img_steps, steps, strength)
+        strength = float(strength)
+        user_error(image_tensor, "image", image, (channels, height, width))
     return Job(model, sampler, steps, noise, guidance_mode, guidance_scale, class_name, seed, batch, resolution,
-               backend, reference)
+               backend, reference, image, strength)
 
 
 def _call_arguments(job: Job, loaded: models.LoadedModel, on_step, step_knobs: dict) -> dict:
@@ -135,6 +156,8 @@ def _call_arguments(job: Job, loaded: models.LoadedModel, on_step, step_knobs: d
             kwargs["reference_image"] = job.reference
     else:  # a pipeline with classifier-free guidance only, through guidance_scale (1: plain conditional)
         kwargs["guidance_scale"] = job.guidance_scale if job.guidance_mode == "classifier-free" else 1.0
+    if job.image is not None:
+        kwargs.update(image=job.image, strength=job.strength)
 
     def callback(pipeline, i, t, tensors):
         on_step(i, tensors.get("pred_original_sample"))
