@@ -317,7 +317,7 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
 
 @register("rk45", family="ode", stochastic=False, adaptive=True, knobs={"rtol": 1e-3, "atol": 1e-3},
           description="probability-flow ODE, adaptive Dormand–Prince RK45 (scipy), rtol = atol = 1e-3",
-          deliberate=dict.fromkeys(("save_load_gives_equal_steps", "public_api", "step_shape", "outputs_equivalence",
+          deliberate=dict.fromkeys(("save_load_gives_equal_steps", "step_shape", "outputs_equivalence",
                                     "add_noise_batch_of_grid_timesteps", "set_timesteps_takes_own_grid",
                                     "set_timesteps_device", "seeded_full_loop", "exact_run_from_any_grid_point"),
                                    "adaptive: its error controller picks the evaluation points while it solves, so it "
