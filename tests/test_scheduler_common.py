@@ -33,14 +33,14 @@ from schedulers.processes import PROCESSES
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_STEPS = 6  # every run's num_inference_steps (dpmpp-2m-mv's table is fitted for it)
-T = 1000
+T = 100  # training steps: tiny, as a σ-space scheduler traces a grid of all T at construction
 CONTROLS = {f"diffusers-{cls.__name__}": cls for cls in (
     diffusers.DDIMScheduler, diffusers.DDPMScheduler, diffusers.EulerDiscreteScheduler,
     diffusers.HeunDiscreteScheduler, diffusers.DPMSolverMultistepScheduler)}
 ENTRIES = [*SAMPLERS, *CONTROLS]
 ADAPTIVE = [name for name, spec in SAMPLERS.items() if spec.adaptive]
 # Diffusers' per-scheduler config sweeps (test_timesteps, test_betas, test_schedules, test_prediction_type).
-CONFIG_VARIANTS = [{}, {"num_train_timesteps": 100, "beta_start": 0.001, "beta_end": 0.03},
+CONFIG_VARIANTS = [{}, {"num_train_timesteps": 50, "beta_start": 0.001, "beta_end": 0.03},
                    {"beta_schedule": "scaled_linear"}]
 # The prediction type is the trained model's process's, so only VP models vary it.
 PREDICTION_VARIANTS = [{"prediction_type": "v_prediction"}]
@@ -134,15 +134,12 @@ def round_trip(scheduler):
 # ------------------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("name", ENTRIES)
-@pytest.mark.parametrize("variant", range(len(CONFIG_VARIANTS) + len(PREDICTION_VARIANTS)))
-def test_save_load_gives_equal_steps(name, variant):
+@pytest.mark.parametrize("name, config", [
+    (name, config) for name in ENTRIES
+    for config in CONFIG_VARIANTS + (PREDICTION_VARIANTS if process_of(name) == "vp" else [])])
+def test_save_load_gives_equal_steps(name, config):
     """check_over_configs / test_from_save_pretrained: a saved and reloaded scheduler steps identically, over
     diffusers' sweeps of training steps, betas, schedules and prediction types."""
-    variants = CONFIG_VARIANTS + PREDICTION_VARIANTS
-    if variant >= len(CONFIG_VARIANTS) and process_of(name) != "vp":
-        pytest.skip("the prediction type belongs to the model's process; only VP models vary it")
-    config = variants[variant]
     scheduler = make(name, **config)
     reloaded = round_trip(scheduler)
     sample = dummy_sample()
@@ -170,7 +167,7 @@ def test_from_pretrained_config(name):
 @pytest.mark.parametrize("name", ENTRIES)
 def test_compatibles(name):
     """test_compatibles: every compatible class builds from this config, and the config survives the trip back."""
-    scheduler = make(name, num_train_timesteps=100)  # KDPM2's constructor lays out every training step: keep T small
+    scheduler = make(name)
     assert len(scheduler.compatibles) > 0, f"{name}: no compatible schedulers"
     assert all(cls is not None for cls in scheduler.compatibles)
     for compatible in scheduler.compatibles:
@@ -254,21 +251,26 @@ def test_add_noise_batch_of_grid_timesteps(name):
         assert torch.allclose(alone, noised[i:i + 1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ENTRIES)
-@pytest.mark.parametrize("argument", ["timesteps", "sigmas"])
+def grid_arguments(name: str) -> list[str]:
+    """The grids ``set_timesteps`` takes back: a control's where its signature has them; for a project sampler
+    ``timesteps`` always, and ``sigmas`` where it has a σ grid (the discrete VP schedulers have none, as diffusers'
+    DDIM and DDPM)."""
+    cls = CONTROLS[name] if name in CONTROLS else SAMPLERS[name].scheduler_class
+    takes = inspect.signature(cls.set_timesteps).parameters
+    return [arg for arg in ("timesteps", "sigmas") if arg in takes or arg == "timesteps" and name in SAMPLERS]
+
+
+@pytest.mark.parametrize("name, argument", [(name, arg) for name in ENTRIES for arg in grid_arguments(name)])
 def test_set_timesteps_takes_own_grid(name, argument):
     """set_timesteps(timesteps=…) and (sigmas=…) take back the scheduler's own grid (diffusers' custom timesteps
-    and sigmas tests). A control is asked only for the arguments its ``set_timesteps`` has; a project sampler
-    takes ``timesteps=`` always, and ``sigmas=`` where it has a σ grid."""
+    and sigmas tests)."""
     scheduler = fresh_grid(name)
-    takes = argument in inspect.signature(scheduler.set_timesteps).parameters
-    if name in CONTROLS and not takes or argument == "sigmas" and not hasattr(scheduler, "sigmas"):
-        pytest.skip(f"{name} has no {argument} grid to take back")
     own = grid_timesteps(scheduler) if argument == "timesteps" else scheduler.sigmas.clone()
     other = make(name)
     other.set_timesteps(**{argument: own.tolist()})
     assert other.timesteps.shape == scheduler.timesteps.shape
-    assert torch.allclose(other.timesteps.double(), scheduler.timesteps.double(), rtol=1e-5, atol=1e-4)
+    # within 0.01 training steps: diffusers' Euler maps σ to t by interpolating log σ over its table
+    assert torch.allclose(other.timesteps.double(), scheduler.timesteps.double(), rtol=1e-5, atol=1e-2)
     if argument == "sigmas":
         assert torch.allclose(other.sigmas.double(), own.double(), rtol=1e-5, atol=1e-6)
 
