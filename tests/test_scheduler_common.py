@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from schedulers import SAMPLERS
+from schedulers.process import target_from_x0_and_epsilon
 from schedulers.processes import PROCESSES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,10 +54,11 @@ def process_of(name: str) -> str:
     return "vp" if name in CONTROLS else SAMPLERS[name].processes[0]
 
 
-def model_config(name: str, **overrides) -> dict:
-    """The scheduler config of a model the entry drives: its first process's keys, plus what it requires."""
+def model_config(name: str, process: str | None = None, **overrides) -> dict:
+    """The scheduler config of a model the entry drives, trained on ``process`` (default: the entry's first): the
+    process's keys, plus what the entry requires."""
     spec = SAMPLERS[name]
-    config = {**PROCESSES[spec.processes[0]].config_defaults, "num_train_timesteps": T, **overrides}
+    config = {**PROCESSES[process or spec.processes[0]].config_defaults, "num_train_timesteps": T, **overrides}
     if "eps_second_moment" in spec.requires:
         config["eps_second_moment"] = [0.9] * config["num_train_timesteps"]
     if "mean_value_points" in spec.requires:
@@ -64,11 +66,11 @@ def model_config(name: str, **overrides) -> dict:
     return config
 
 
-def make(name: str, **overrides):
-    """A fresh scheduler for the entry (a registered sampler or a diffusers control)."""
+def make(name: str, process: str | None = None, **overrides):
+    """A fresh scheduler for the entry (a registered sampler or a diffusers control, whose process is VP)."""
     if name in CONTROLS:
         return CONTROLS[name](**{"num_train_timesteps": T, **overrides})
-    return SAMPLERS[name].create(model_config(name, **overrides))
+    return SAMPLERS[name].create(model_config(name, process, **overrides))
 
 
 @pytest.fixture(autouse=True)
@@ -119,8 +121,8 @@ def run_loop(scheduler, model, sample, begin: int = 0, seed: int = 0, each_step=
     return sample
 
 
-def fresh_grid(name: str, **overrides):
-    scheduler = make(name, **overrides)
+def fresh_grid(name: str, process: str | None = None, **overrides):
+    scheduler = make(name, process, **overrides)
     scheduler.set_timesteps(NUM_STEPS)
     return scheduler
 
@@ -330,19 +332,18 @@ def coefficients(scheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def point_model(scheduler, x0: torch.Tensor):
-    """The exact network for data that is the single point ``x0``, in the scheduler's prediction type."""
+    """The exact network for data that is the single point ``x0``, in the scheduler's prediction type: with
+    x_model = ᾱ x0 + β̄ ε, the noise is ε = (x_model − ᾱ x0)/β̄ and the target follows from (x0, ε)."""
 
     def model(x_model, t):
         prediction = scheduler.config.prediction_type
         if prediction == "sample":
             return x0
         alpha, beta = (c.to(x_model.dtype) for c in coefficients(scheduler, t))
-        if prediction == "epsilon":
-            return (x_model - alpha * x0) / beta
         if prediction == "edm":  # F = (x0 − c_skip x_ve)/c_out at σ = β̄/ᾱ, x_ve = x_model/ᾱ
             skip, out = (c.to(x_model.dtype) for c in scheduler.process.skip_and_out(beta / alpha))
             return (x0 - skip * x_model / alpha) / out
-        raise NotImplementedError(prediction)
+        return target_from_x0_and_epsilon(prediction, x0, (x_model - alpha * x0) / beta, alpha, beta)
 
     return model
 
@@ -351,14 +352,26 @@ def is_stochastic(name: str) -> bool:
     return name == "diffusers-DDPMScheduler" or name in SAMPLERS and SAMPLERS[name].stochastic
 
 
-@pytest.mark.parametrize("name", ENTRIES)
+def exact_cases(name: str) -> list[tuple[str, str | None, dict]]:
+    """(name, process, config) for every process whose models the entry drives (UDM: its blur operator, the one
+    whose rules all keep the path), and VP models in v-prediction too."""
+    if name in CONTROLS:
+        processes = ["vp"]
+    else:
+        spec = SAMPLERS[name]
+        processes = list(spec.processes[:1] if spec.family == "udm" else spec.processes)
+    return [(name, process, config) for process in processes
+            for config in [{}, *(PREDICTION_VARIANTS if process == "vp" else [])]]
+
+
+@pytest.mark.parametrize("name, process, config", [case for name in ENTRIES for case in exact_cases(name)])
 @pytest.mark.parametrize("start", [0, 2])
-def test_exact_run_from_any_grid_point(name, start):
+def test_exact_run_from_any_grid_point(name, process, config, start):
     """Single-point data, exact network: from ``add_noise(x0, ε, t_k)`` at grid point k = ``start`` · order
     (img2img's start, with ``set_begin_index`` where the scheduler has it), a deterministic sampler steps onto
     ``add_noise(x0, ε, t)`` at each next grid timestep and ends on x0; a stochastic one ends on x0."""
-    scheduler = fresh_grid(name)
-    reference = fresh_grid(name)  # add_noise of a scheduler that is not mid-run
+    scheduler = fresh_grid(name, process, **config)
+    reference = fresh_grid(name, process, **config)  # add_noise of a scheduler that is not mid-run
     begin = start * scheduler.order
     x0 = dummy_sample() * 2 - 1
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
