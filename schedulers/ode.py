@@ -319,7 +319,8 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
           description="probability-flow ODE, adaptive Dormand–Prince RK45 (scipy), rtol = atol = 1e-3",
           deliberate=dict.fromkeys(("save_load_gives_equal_steps", "step_shape", "outputs_equivalence",
                                     "add_noise_batch_of_grid_timesteps", "set_timesteps_takes_own_grid",
-                                    "set_timesteps_device", "seeded_full_loop", "exact_run_from_any_grid_point"),
+                                    "set_timesteps_device", "set_timesteps_rejects_a_grid_out_of_order",
+                                    "seeded_full_loop", "exact_run_from_any_grid_point"),
                                    "adaptive: its error controller picks the evaluation points while it solves, so it "
                                    "has no timestep grid and the per-step protocol raises a ValueError naming solve()"))
 class AdaptiveODEScheduler(SigmaSpaceScheduler):

@@ -35,17 +35,20 @@ RULES = ("naive", "improved", "invertible")
 @register("udm-naive", family="udm", stochastic=True, processes=("udm-blur", "udm-mask", "udm-noise"),
           defaults={"udm_rule": "naive"}, description="UDM: x_s = F_s(x̂0, fresh ε) (Su part 10's baseline)",
           deliberate={"trained_betas_round_trip": "the blur and mask operators have no β schedule (only the "
-                                                  "noise operator reads one), so a UDM scheduler has no betas"})
+                                                  "noise operator reads one), so a UDM scheduler has no betas",
+                      "compatibles": "no diffusers scheduler runs the blur or mask operators"})
 @register("udm-invertible", family="udm", stochastic=False, processes=("udm-blur", "udm-mask", "udm-noise"),
           defaults={"udm_rule": "invertible"},
           description="UDM: x_s = F_s(x̂0, F_t⁻¹(x̂0, x_t)); DDIM for the noise operator",
           deliberate={"trained_betas_round_trip": "the blur and mask operators have no β schedule (only the "
-                                                  "noise operator reads one), so a UDM scheduler has no betas"})
+                                                  "noise operator reads one), so a UDM scheduler has no betas",
+                      "compatibles": "no diffusers scheduler runs the blur or mask operators"})
 @register("udm-improved", family="udm", stochastic=False, processes=("udm-blur", "udm-mask", "udm-noise"),
           defaults={"udm_rule": "improved"},
           description="UDM: x_s = x_t + F_s(x̂0) − F_t(x̂0) (cold diffusion, Bansal et al. 2022)",
           deliberate={"trained_betas_round_trip": "the blur and mask operators have no β schedule (only the "
-                                                  "noise operator reads one), so a UDM scheduler has no betas"})
+                                                  "noise operator reads one), so a UDM scheduler has no betas",
+                      "compatibles": "no diffusers scheduler runs the blur or mask operators"})
 class UDMScheduler(SchedulerMixin, ConfigMixin):
     """Sampling for x̂0-predicting models of a UDM operator: a diffusers scheduler with its own prior.
 

@@ -419,3 +419,44 @@ def test_every_deliberate_difference_is_documented():
             assert check in section, f"{name}'s deliberate {check!r} is not in docs/architecture.md"
             family = name.split("-")[0]
             assert f"`{name}`" in section or f"`{family}-*`" in section, f"{name} is not in docs/architecture.md"
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_getattr_is_correct(name):
+    """test_getattr_is_correct: attributes read plainly, config keys through the config (with diffusers'
+    FutureWarning when read as attributes), and an unknown name raises AttributeError naming it."""
+    scheduler = make(name)
+    scheduler.dummy_attribute = 5
+    scheduler.register_to_config(test_attribute=5)
+    assert scheduler.dummy_attribute == 5
+    with pytest.warns(FutureWarning):
+        assert scheduler.test_attribute == 5
+    with pytest.raises(AttributeError, match="does_not_exist"):
+        scheduler.does_not_exist  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_deprecated_kwargs(name):
+    """test_deprecated_kwargs: ``**kwargs`` in ``__init__`` exactly when ``_deprecated_kwargs`` lists some."""
+    scheduler = make(name)
+    has_kwargs = "kwargs" in inspect.signature(type(scheduler).__init__).parameters
+    assert has_kwargs == (len(type(scheduler)._deprecated_kwargs) > 0)
+
+
+@pytest.mark.parametrize("name, argument", [(name, arg) for name in SAMPLERS for arg in grid_arguments(name)])
+def test_set_timesteps_rejects_a_grid_out_of_order(name, argument):
+    """test_custom_timesteps_increasing_order: a grid that does not descend is a ValueError naming the argument."""
+    scheduler = fresh_grid(name)
+    own = grid_timesteps(scheduler) if argument == "timesteps" else scheduler.sigmas[scheduler.sigmas > 0]
+    with pytest.raises(ValueError, match=argument):
+        make(name).set_timesteps(**{argument: own.flip(0).tolist()})
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_step_rejects_an_unknown_timestep(name):
+    """A timestep off the grid is a ValueError naming it, not an IndexError from inside."""
+    scheduler = fresh_grid(name)
+    sample = dummy_sample()
+    unknown = scheduler.timesteps[0] - 1  # between the first two grid points
+    with pytest.raises(ValueError, match="timestep"):
+        scheduler.step(0.1 * sample, unknown, sample)
