@@ -79,6 +79,29 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
     def _use_grid(self, steps: torch.Tensor, device=None):
         self.timesteps = steps.to(device)
         self._index_of = {int(t): i for i, t in enumerate(steps.tolist())}
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The grid index after the last ``step`` (None before the first); ``step`` itself reads its timestep."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The grid index an img2img run starts from (``set_begin_index``); informational, as ``step`` honours the
+        timestep it is given."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        if not 0 <= int(begin_index) < len(self.timesteps):
+            raise ValueError(f"begin_index must be in [0, {len(self.timesteps) - 1}], got {begin_index}")
+        self._begin_index = int(begin_index)
+
+    def step_target(self, timestep) -> int:
+        """The timestep a ``step`` at ``timestep`` lands on (``previous_timestep``), recorded as ``step_index``."""
+        self._step_index = self.index_for_timestep(timestep) + 1
+        return self.previous_timestep(timestep)
 
     def index_for_timestep(self, timestep) -> int:
         """Position of ``timestep`` in the current grid (the training grid T − 1 … 0 before ``set_timesteps``)."""

@@ -348,25 +348,27 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
                   "solve(model_call, x) (DiffusionImagePipeline does), not through a fixed-step loop over timesteps")
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
-        """The integration range (σ_max, σ_min); ``num_inference_steps`` is ignored, and a grid cannot be given."""
+        """The integration range (σ_max, σ_min); ``num_inference_steps`` is ignored, and a grid cannot be given.
+        ``timesteps`` holds only the start: a fixed-step loop over it fails at its first ``step``, naming ``solve``,
+        instead of looping over nothing and returning the initial noise."""
         if timesteps is not None or sigmas is not None:
             raise ValueError(self.LOOP_ERROR)
         low, high = self.sigma_range()
         self.sigmas = torch.tensor([high, low], dtype=torch.float64)
+        self.evaluation_sigmas = self.sigmas[:1]
+        self.timesteps = self.process.timestep(self.evaluation_sigmas).to(torch.float32).to(device)
         self.init_noise_sigma = float((1 + self.sigmas[0] ** 2).sqrt())
+        self._reset_run()
 
     @property
-    def timesteps(self):
-        """Not known before solving: a loop over them would return the initial noise, so asking is an error."""
-        raise ValueError(self.LOOP_ERROR)
+    def nfe(self) -> int:
+        """The evaluations the last ``solve`` spent: not known before."""
+        return self.nfe_spent
 
     def solver(self, x, sigmas, noise, start=0):
         raise ValueError(self.LOOP_ERROR)
 
     def step(self, *args, **kwargs):
-        raise ValueError(self.LOOP_ERROR)
-
-    def scale_model_input(self, sample, timestep=None):
         raise ValueError(self.LOOP_ERROR)
 
     def solve(self, model_call, x_ve: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]  # diffusers' VP schedulers, as its Euler lists them
+    # diffusers' VP schedulers, as its Euler lists them, but EDMEuler: its ``sigma_schedule`` key means another thing
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if e.name != "EDMEulerScheduler"]
     supported_processes = GAUSSIAN_SIGMA_PROCESSES  # the registry's default ``processes`` for these samplers
 
     def _init_sigma_space(self):
@@ -108,6 +109,10 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         self.evaluation_sigmas = self._trace(grid)
         self.timesteps = self.process.timestep(self.evaluation_sigmas).to(torch.float32).to(device)
         self.init_noise_sigma = float((1 + grid[0] ** 2).sqrt())
+        self._reset_run()
+
+    def _reset_run(self):
+        """A new grid: no run in progress, no step taken, no begin index."""
         self._run = None
         self._run_index = None
         self._step_index = None

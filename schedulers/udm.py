@@ -68,6 +68,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if self.config.prediction_type != "sample":
             raise ValueError(f"UDM models predict x0 (prediction_type 'sample'), got {self.config.prediction_type!r}")
         self.operator = UDMProcess.from_config(self.config).operator
+        self.init_noise_sigma = 1.0  # the pipeline starts from ``sample_prior``, already at the operator's scale
         self.set_timesteps(self.config.num_train_timesteps)  # a grid from construction on, as diffusers' schedulers
 
     def __len__(self) -> int:

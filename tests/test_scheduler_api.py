@@ -165,11 +165,12 @@ def test_bad_input_gets_a_value_error_naming_it():
 def test_rk45_in_a_fixed_step_loop_names_solve():
     scheduler = create("rk45")
     scheduler.set_timesteps(10)
+    x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match=r"solve\(model_call, x\)"):
-        for _ in scheduler.timesteps:
-            pass
+        for t in scheduler.timesteps:  # holds the start only: the loop fails at once instead of returning x
+            scheduler.step(toy_model(scheduler.scale_model_input(x, t), t), t, x)
     with pytest.raises(ValueError, match="solve"):
-        scheduler.scale_model_input(torch.zeros(1), 0)
+        scheduler.set_timesteps(sigmas=[2.0, 1.0])
 
 
 def test_ddpm_steps_over_the_training_grid_without_set_timesteps():
@@ -210,3 +211,19 @@ def test_vp_process_marginal_is_the_ddpm_add_noise():
     process = VPProcess.from_config(ddpm.config)
     x0, noise, t = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2), torch.tensor([5, 400, 990])
     torch.testing.assert_close(process.training_example(x0, noise, t).network_input, ddpm.add_noise(x0, noise, t))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_vp_schedulers_record_the_step_they_took(name):
+    scheduler = create(name)
+    scheduler.set_timesteps(10)
+    assert scheduler.step_index is None and scheduler.begin_index is None
+    scheduler.set_begin_index(4)
+    x = torch.randn(1, 1, 4, 4, generator=seeded(10))
+    t = scheduler.timesteps[4]
+    scheduler.step(toy_model(x, t), t, x, generator=seeded(11))
+    assert scheduler.step_index == 5 and scheduler.begin_index == 4
+    with pytest.raises(ValueError, match="begin_index"):
+        scheduler.set_begin_index(10)
+    with pytest.raises(ValueError, match="not in this scheduler's grid"):
+        scheduler.step(x, 3, x)
