@@ -320,7 +320,7 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
           deliberate=dict.fromkeys(("save_load_gives_equal_steps", "step_shape", "outputs_equivalence",
                                     "add_noise_batch_of_grid_timesteps", "set_timesteps_takes_own_grid",
                                     "set_timesteps_device", "set_timesteps_rejects_a_grid_out_of_order",
-                                    "seeded_full_loop", "exact_run_from_any_grid_point"),
+                                    "seeded_full_loop", "exact_run_from_any_grid_point", "inference_steps"),
                                    "adaptive: its error controller picks the evaluation points while it solves, so it "
                                    "has no timestep grid and the per-step protocol raises a ValueError naming solve()"))
 class AdaptiveODEScheduler(SigmaSpaceScheduler):

@@ -460,3 +460,19 @@ def test_step_rejects_an_unknown_timestep(name):
     unknown = scheduler.timesteps[0] - 1  # between the first two grid points
     with pytest.raises(ValueError, match="timestep"):
         scheduler.step(0.1 * sample, unknown, sample)
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_inference_steps(name, steps):
+    """test_inference_steps: any step count lays out a descending grid, and the exact single-point run on it from
+    ``add_noise`` at its first timestep ends on the data."""
+    scheduler = make(name)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    assert len(timesteps) >= steps and torch.all(timesteps[1:] <= timesteps[:-1])
+    x0 = dummy_sample() * 2 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    x = scheduler.add_noise(x0, eps, timesteps[:1].repeat(len(x0)))
+    final = run_loop(scheduler, point_model(scheduler, x0), x)
+    assert torch.allclose(final, x0, atol=0.05), f"ended {float((final - x0).abs().max()):.3g} from the data"
