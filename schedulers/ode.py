@@ -267,7 +267,9 @@ MEAN_VALUE = "mean-value-2m"  # needs its table, so it is built per scheduler ra
 
 @register("dpmpp-2m-mv", family="ode", stochastic=False, requires=("mean_value_points",),
           defaults={"solver": MEAN_VALUE, "sigma_schedule": "log_snr"},
-          description="2M with a fitted mean-value point per step (AMED-style; fit_mean_value_points for the grid)")
+          description="2M with a fitted mean-value point per step (AMED-style; fit_mean_value_points for the grid)",
+          deliberate={"inference_steps": "its fitted mean_value_points table fixes the step count: another count is "
+                                         "a ValueError saying to fit the table for that grid"})
 @register("dpmpp-3m", family="ode", stochastic=False, defaults={"solver": "dpmpp-3m", "sigma_schedule": "log_snr"},
           description="DPM-Solver++ third-order multistep, uniform log-SNR steps")
 @register("flow-heun", family="ode", stochastic=False,
