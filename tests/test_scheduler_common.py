@@ -3,8 +3,9 @@
 The generic checks of diffusers 0.42.1's ``tests/schedulers/test_schedulers.py`` (``SchedulerCommonTest``) and of
 its DDIM, DDPM, Euler, Heun and DPM-multistep files, rewritten as one parametrized module: config round trips,
 ``from_config`` across compatible schedulers, step shapes, ``return_dict`` equivalence, ``scale_model_input``,
-``add_noise`` with a batch of grid timesteps, ``set_timesteps`` with the scheduler's own grid, ``trained_betas``,
-seeded determinism. Stock diffusers schedulers run as controls and pass everything.
+``add_noise`` with a batch of grid timesteps, ``set_timesteps`` with any step count and with the scheduler's own
+grid (and a ValueError for one out of order), ``trained_betas``, attribute access, deprecated kwargs, seeded
+determinism. Stock diffusers schedulers run as controls and pass everything.
 
 Diffusers' full-loop regression sums are replaced by an exact check: for data that is a single point x0 the
 denoiser is exactly x0, the probability-flow path from ``add_noise(x0, ε, t_k)`` is ``add_noise(x0, ε, t)`` at
@@ -52,6 +53,11 @@ PREDICTION_VARIANTS = [{"prediction_type": "v_prediction"}]
 
 def process_of(name: str) -> str:
     return "vp" if name in CONTROLS else SAMPLERS[name].processes[0]
+
+
+def is_stochastic(name: str) -> bool:
+    """Whether the entry draws fresh noise while sampling (of the controls, DDPM)."""
+    return name == "diffusers-DDPMScheduler" or name in SAMPLERS and SAMPLERS[name].stochastic
 
 
 def model_config(name: str, process: str | None = None, **overrides) -> dict:
@@ -310,8 +316,7 @@ def test_seeded_full_loop(name):
         results.append(run_loop(scheduler, dummy_model, start, seed=seed))
     assert torch.isfinite(results[0]).all()
     assert torch.equal(results[0], results[1])
-    stochastic = name == "diffusers-DDPMScheduler" or name in SAMPLERS and SAMPLERS[name].stochastic
-    assert stochastic == (not torch.equal(results[0], results[2]))
+    assert is_stochastic(name) == (not torch.equal(results[0], results[2]))
 
 
 # ------------------------------------------------------------------------------------------------ exact runs
@@ -346,10 +351,6 @@ def point_model(scheduler, x0: torch.Tensor):
         return target_from_x0_and_epsilon(prediction, x0, (x_model - alpha * x0) / beta, alpha, beta)
 
     return model
-
-
-def is_stochastic(name: str) -> bool:
-    return name == "diffusers-DDPMScheduler" or name in SAMPLERS and SAMPLERS[name].stochastic
 
 
 def exact_cases(name: str) -> list[tuple[str, str | None, dict]]:
