@@ -133,6 +133,13 @@ def fresh_grid(name: str, process: str | None = None, **overrides):
     return scheduler
 
 
+def case_id(value):
+    """Test ids: a config variant as its keys and values ("default" when empty)."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "default"
+    return None
+
+
 def round_trip(scheduler):
     with tempfile.TemporaryDirectory() as directory:
         scheduler.save_pretrained(directory)
@@ -144,7 +151,7 @@ def round_trip(scheduler):
 
 @pytest.mark.parametrize("name, config", [
     (name, config) for name in ENTRIES
-    for config in CONFIG_VARIANTS + (PREDICTION_VARIANTS if process_of(name) == "vp" else [])])
+    for config in CONFIG_VARIANTS + (PREDICTION_VARIANTS if process_of(name) == "vp" else [])], ids=case_id)
 def test_save_load_gives_equal_steps(name, config):
     """check_over_configs / test_from_save_pretrained: a saved and reloaded scheduler steps identically, over
     diffusers' sweeps of training steps, betas, schedules and prediction types."""
@@ -365,7 +372,8 @@ def exact_cases(name: str) -> list[tuple[str, str | None, dict]]:
             for config in [{}, *(PREDICTION_VARIANTS if process == "vp" else [])]]
 
 
-@pytest.mark.parametrize("name, process, config", [case for name in ENTRIES for case in exact_cases(name)])
+@pytest.mark.parametrize("name, process, config", [case for name in ENTRIES for case in exact_cases(name)],
+                         ids=case_id)
 @pytest.mark.parametrize("start", [0, 2])
 def test_exact_run_from_any_grid_point(name, process, config, start):
     """Single-point data, exact network: from ``add_noise(x0, ε, t_k)`` at grid point k = ``start`` · order
