@@ -40,6 +40,7 @@ CONTROLS = {f"diffusers-{cls.__name__}": cls for cls in (
     diffusers.DDIMScheduler, diffusers.DDPMScheduler, diffusers.EulerDiscreteScheduler,
     diffusers.HeunDiscreteScheduler, diffusers.DPMSolverMultistepScheduler)}
 ENTRIES = [*SAMPLERS, *CONTROLS]
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # diffusers' tests' torch_device
 ADAPTIVE = [name for name, spec in SAMPLERS.items() if spec.adaptive]
 # Diffusers' per-scheduler config sweeps (test_timesteps, test_betas, test_schedules, test_prediction_type).
 CONFIG_VARIANTS = [{}, {"num_train_timesteps": 50, "beta_start": 0.001, "beta_end": 0.03},
@@ -251,15 +252,16 @@ def test_outputs_equivalence(name):
 
 @pytest.mark.parametrize("name", ENTRIES)
 def test_add_noise_batch_of_grid_timesteps(name):
-    """test_add_noise_device: ``add_noise`` takes a batch of grid timesteps on the grid's device."""
+    """test_add_noise_device: ``add_noise`` takes a batch of grid timesteps on the grid's device (diffusers'
+    ``torch_device``: the GPU where there is one) and noises samples there."""
     scheduler = make(name)
-    scheduler.set_timesteps(NUM_STEPS, device="cpu")
-    sample = dummy_sample()
+    scheduler.set_timesteps(NUM_STEPS, device=TORCH_DEVICE)
+    sample = dummy_sample().to(TORCH_DEVICE)
     t = scheduler.timesteps[[0, 1, 2, 3]]
-    assert t.device == scheduler.timesteps.device
-    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1))
+    assert t.device.type == TORCH_DEVICE
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)).to(TORCH_DEVICE)
     noised = scheduler.add_noise(sample, noise, t)
-    assert noised.shape == sample.shape and torch.isfinite(noised).all()
+    assert noised.shape == sample.shape and noised.device.type == TORCH_DEVICE and torch.isfinite(noised).all()
     # each sample is noised at its own timestep: one at a time gives the same
     for i in range(len(t)):
         alone = scheduler.add_noise(sample[i:i + 1], noise[i:i + 1], t[i:i + 1])
