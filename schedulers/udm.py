@@ -81,7 +81,10 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if sum(arg is not None for arg in (num_inference_steps, steps, timesteps)) != 1:
             raise ValueError("pass exactly one of num_inference_steps, steps or timesteps")
         if timesteps is not None:
-            steps = torch.cat([udm_step(timesteps, T), torch.zeros(1, dtype=torch.long)])
+            steps = udm_step(timesteps, T)
+            if len(steps) == 0 or torch.any(steps[1:] >= steps[:-1]) or steps[-1] == 0:
+                raise ValueError(f"timesteps must descend strictly to a step above 0, got {steps.tolist()} as steps")
+            steps = torch.cat([steps, torch.zeros(1, dtype=torch.long)])
         elif steps is None:
             if not 1 <= num_inference_steps <= T:
                 raise ValueError(f"num_inference_steps must be in [1, {T}] (the process has {T} steps), "

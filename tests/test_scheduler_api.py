@@ -203,6 +203,8 @@ def test_udm_timesteps_and_add_noise_agree_about_units():
         scheduler.step(x0, 7.0, x0)
     scheduler.set_timesteps(timesteps=scheduler.timesteps)
     assert scheduler.num_inference_steps == 4
+    with pytest.raises(ValueError, match="timesteps must descend"):
+        scheduler.set_timesteps(timesteps=scheduler.timesteps.flip(0))
 
 
 def test_vp_process_marginal_is_the_ddpm_add_noise():
