@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .ancestral import ancestral_step
@@ -27,6 +27,7 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]  # as diffusers' DDPM and DDIM list them
     # final ᾱ² after the last step: 1 means the last step lands on clean data.
     _final_alpha_cumprod = 1.0
 
@@ -40,8 +41,7 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.custom_timesteps = False
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-        self._index_of = None
+        self._use_grid(torch.arange(self.config.num_train_timesteps - 1, -1, -1))  # diffusers' DDPM: the training grid
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -74,13 +74,37 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
                                      self.config.get("steps_offset", 0))
             self.custom_timesteps = False
         self.num_inference_steps = len(steps)
+        self._use_grid(steps, device)
+
+    def _use_grid(self, steps: torch.Tensor, device=None):
         self.timesteps = steps.to(device)
         self._index_of = {int(t): i for i, t in enumerate(steps.tolist())}
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The grid index after the last ``step`` (None before the first); ``step`` itself reads its timestep."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The grid index an img2img run starts from (``set_begin_index``); informational, as ``step`` honours the
+        timestep it is given."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        if not 0 <= int(begin_index) < len(self.timesteps):
+            raise ValueError(f"begin_index must be in [0, {len(self.timesteps) - 1}], got {begin_index}")
+        self._begin_index = int(begin_index)
+
+    def step_target(self, timestep) -> int:
+        """The timestep a ``step`` at ``timestep`` lands on (``previous_timestep``), recorded as ``step_index``."""
+        self._step_index = self.index_for_timestep(timestep) + 1
+        return self.previous_timestep(timestep)
 
     def index_for_timestep(self, timestep) -> int:
-        """Position of ``timestep`` in the current grid."""
-        if self._index_of is None:
-            raise ValueError("call set_timesteps(...) before step(...)")
+        """Position of ``timestep`` in the current grid (the training grid T − 1 … 0 before ``set_timesteps``)."""
         t = int(timestep)
         if t not in self._index_of:
             raise ValueError(f"timestep {t} is not in this scheduler's grid {self.timesteps.tolist()}")

@@ -111,7 +111,7 @@ class DDIMScheduler(VPScheduler):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
-        prev_t = self.previous_timestep(timestep)
+        prev_t = self.step_target(timestep)
         x0, eps = self.predict_x0_and_epsilon(model_output, timestep, sample)
         if use_clipped_model_output:
             eps = self.epsilon_of(x0, timestep, sample)

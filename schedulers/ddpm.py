@@ -77,7 +77,7 @@ class DDPMScheduler(VPScheduler):
         return_dict: bool = True,
     ):
         """One ancestral step x_t → x_{t'} (t' the next grid point)."""
-        prev_t = self.previous_timestep(timestep)
+        prev_t = self.step_target(timestep)
         x0, _ = self.predict_x0_and_epsilon(model_output, timestep, sample)
         eps = self.epsilon_of(x0, timestep, sample)  # the posterior mean is in x̂0 and x_t: ε̂ from the clipped x̂0
         kept, std = ddpm_noise(self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t),

@@ -73,7 +73,8 @@ def dpmpp_multistep(order: int):
 
     The first step has no history, and a first-order start alone would cap the global error at O(h²), so
     the third-order solver starts with DPM-Solver++(2S), the midpoint in λ, for one extra evaluation.
-    1 NFE per step otherwise.
+    1 NFE per step otherwise. ``warm_up=False`` (a run started mid-grid, whose evaluation points the grid fixed)
+    starts with first order instead, as diffusers' multistep solvers restart.
 
     ``lower_order_final``: take the last step with first order (DDIM), as diffusers does below 15 steps
     (Lu et al. 2022b, §3.3: the multistep extrapolation of D is least reliable over the last, stiffest step).
@@ -82,7 +83,7 @@ def dpmpp_multistep(order: int):
     drops from +2,700 to +0.35 nats with it (docs/samplers.md).
     """
 
-    def solve(x, sigmas, noise, lower_order_final: bool = False):
+    def solve(x, sigmas, noise, lower_order_final: bool = False, warm_up: bool = True):
         history = []  # (denoised, h) of the previous steps, newest first
         last = len(sigmas) - 2
         for step, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
@@ -94,7 +95,7 @@ def dpmpp_multistep(order: int):
             if lower_order_final and step == last:
                 x = (sigma_next / sigma) * x - torch.expm1(-h) * denoised
                 continue
-            if order >= 3 and not history:
+            if order >= 3 and not history and warm_up:
                 sigma_mid = (sigma * sigma_next).sqrt()
                 x_mid = (sigma_mid / sigma) * x - torch.expm1(-h / 2) * denoised
                 denoised_mid = yield sigma_mid, x_mid
@@ -266,7 +267,9 @@ MEAN_VALUE = "mean-value-2m"  # needs its table, so it is built per scheduler ra
 
 @register("dpmpp-2m-mv", family="ode", stochastic=False, requires=("mean_value_points",),
           defaults={"solver": MEAN_VALUE, "sigma_schedule": "log_snr"},
-          description="2M with a fitted mean-value point per step (AMED-style; fit_mean_value_points for the grid)")
+          description="2M with a fitted mean-value point per step (AMED-style; fit_mean_value_points for the grid)",
+          deliberate={"inference_steps": "its fitted mean_value_points table fixes the step count: another count is "
+                                         "a ValueError saying to fit the table for that grid"})
 @register("dpmpp-3m", family="ode", stochastic=False, defaults={"solver": "dpmpp-3m", "sigma_schedule": "log_snr"},
           description="DPM-Solver++ third-order multistep, uniform log-SNR steps")
 @register("flow-heun", family="ode", stochastic=False,
@@ -300,16 +303,28 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
                              "(schedulers.ode.fit_mean_value_points fits one for a grid)")
         self._init_sigma_space()
 
-    def solver(self, x, sigmas, noise):
+    def default_inference_steps(self) -> int:
+        """The fitted table's steps for the mean-value solver, else the base's."""
         if self.config.solver == MEAN_VALUE:
-            return mean_value_multistep(self.config.mean_value_points)(x, sigmas, noise)
+            return len(self.config.mean_value_points)
+        return super().default_inference_steps()
+
+    def solver(self, x, sigmas, noise, start=0):
+        if self.config.solver == MEAN_VALUE:
+            return mean_value_multistep(self.config.mean_value_points[start:])(x, sigmas, noise)
         if self.config.solver in MULTISTEP:
-            return SOLVERS[self.config.solver](x, sigmas, noise, self.config.lower_order_final)
+            return SOLVERS[self.config.solver](x, sigmas, noise, self.config.lower_order_final, start == 0)
         return SOLVERS[self.config.solver](x, sigmas, noise)
 
 
 @register("rk45", family="ode", stochastic=False, adaptive=True, knobs={"rtol": 1e-3, "atol": 1e-3},
-          description="probability-flow ODE, adaptive Dormand–Prince RK45 (scipy), rtol = atol = 1e-3")
+          description="probability-flow ODE, adaptive Dormand–Prince RK45 (scipy), rtol = atol = 1e-3",
+          deliberate=dict.fromkeys(("save_load_gives_equal_steps", "step_shape", "outputs_equivalence",
+                                    "add_noise_batch_of_grid_timesteps", "set_timesteps_takes_own_grid",
+                                    "set_timesteps_device", "set_timesteps_rejects_a_grid_out_of_order",
+                                    "seeded_full_loop", "exact_run_from_any_grid_point", "inference_steps"),
+                                   "adaptive: its error controller picks the evaluation points while it solves, so it "
+                                   "has no timestep grid and the per-step protocol raises a ValueError naming solve()"))
 class AdaptiveODEScheduler(SigmaSpaceScheduler):
     """The probability-flow ODE solved by scipy's adaptive RK45 (Dormand & Prince 1980), as score_sde's
     ``get_ode_sampler``: the error controller, not a step count, decides where to evaluate, and ``nfe``
@@ -331,15 +346,32 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
         self._init_sigma_space()
         self.nfe_spent = 0
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None):
+    LOOP_ERROR = ("the adaptive RK45 sampler decides its own steps while it solves; run it through "
+                  "solve(model_call, x) (DiffusionImagePipeline does), not through a fixed-step loop over timesteps")
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        """The integration range (σ_max, σ_min); ``num_inference_steps`` is ignored, and a grid cannot be given.
+        ``timesteps`` holds only the start: a fixed-step loop over it fails at its first ``step``, naming ``solve``,
+        instead of looping over nothing and returning the initial noise."""
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(self.LOOP_ERROR)
         low, high = self.sigma_range()
         self.sigmas = torch.tensor([high, low], dtype=torch.float64)
+        self.evaluation_sigmas = self.sigmas[:1]
+        self.timesteps = self.process.timestep(self.evaluation_sigmas).to(torch.float32).to(device)
         self.init_noise_sigma = float((1 + self.sigmas[0] ** 2).sqrt())
-        self.timesteps = torch.zeros(0, device=device)  # evaluation points are not known in advance
+        self._reset_run()
+
+    @property
+    def nfe(self) -> int:
+        """The evaluations the last ``solve`` spent: not known before."""
+        return self.nfe_spent
+
+    def solver(self, x, sigmas, noise, start=0):
+        raise ValueError(self.LOOP_ERROR)
 
     def step(self, *args, **kwargs):
-        raise ValueError("the adaptive RK45 sampler decides its own steps; run it through solve(model_call, x) "
-                         "(DiffusionImagePipeline does), not through a per-step loop")
+        raise ValueError(self.LOOP_ERROR)
 
     def solve(self, model_call, x_ve: torch.Tensor) -> torch.Tensor:
         """Integrate dx/dσ = (x − D)/σ from σ_max to σ_min; ``model_call(x_model, t)`` is the network."""

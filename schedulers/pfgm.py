@@ -95,9 +95,7 @@ class PFGMppScheduler(ProbabilityFlowScheduler):
         self._init_sigma_space()
 
     def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        """x_T on the heavy-tailed PFGM++ prior at σ_max, the first σ of the grid ``set_timesteps`` laid out."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before sample_prior: the prior sits at the grid's σ_max")
+        """x_T on the heavy-tailed PFGM++ prior at σ_max, the first σ of the current grid."""
         return pfgmpp_noise(shape, float(self.sigmas[0]), self.config.pfgm_D, generator, device, dtype)
 
 

@@ -91,6 +91,9 @@ class SamplerSpec:
     knobs: tuple[Knob, ...] = ()  # what a request may set, with this entry's defaults
     requires: tuple[str, ...] = ()  # config values only the model can supply (e.g. Analytic-DPM's table)
     description: str = ""
+    # Checks of diffusers' common scheduler tests (tests/test_scheduler_common.py, by test name without "test_")
+    # where this sampler differs from diffusers on purpose, each with why; docs/architecture.md lists them.
+    deliberate: dict[str, str] = field(default_factory=dict)
 
     def create(self, model_scheduler_config: dict | None = None, **overrides):
         """A scheduler for a model: the model's training process, then this entry's defaults and knob defaults

@@ -87,6 +87,6 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
             raise ValueError("corrector_steps must be ≥ 0 and snr > 0")
         self._init_sigma_space()
 
-    def solver(self, x, sigmas, noise):
+    def solver(self, x, sigmas, noise, start=0):
         return noise_level_family(self.config.noise_level, self.config.corrector_steps, self.config.snr)(
             x, sigmas, noise)

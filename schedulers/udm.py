@@ -26,20 +26,29 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .processes import UDMProcess, takes_process_config
-from .processes.udm import model_timestep
+from .processes.udm import model_timestep, udm_step
 from .registry import register
 
 RULES = ("naive", "improved", "invertible")
 
 
 @register("udm-naive", family="udm", stochastic=True, processes=("udm-blur", "udm-mask", "udm-noise"),
-          defaults={"udm_rule": "naive"}, description="UDM: x_s = F_s(x̂0, fresh ε) (Su part 10's baseline)")
+          defaults={"udm_rule": "naive"}, description="UDM: x_s = F_s(x̂0, fresh ε) (Su part 10's baseline)",
+          deliberate={"trained_betas_round_trip": "the blur and mask operators have no β schedule (only the "
+                                                  "noise operator reads one), so a UDM scheduler has no betas",
+                      "compatibles": "no diffusers scheduler runs the blur or mask operators"})
 @register("udm-invertible", family="udm", stochastic=False, processes=("udm-blur", "udm-mask", "udm-noise"),
           defaults={"udm_rule": "invertible"},
-          description="UDM: x_s = F_s(x̂0, F_t⁻¹(x̂0, x_t)); DDIM for the noise operator")
+          description="UDM: x_s = F_s(x̂0, F_t⁻¹(x̂0, x_t)); DDIM for the noise operator",
+          deliberate={"trained_betas_round_trip": "the blur and mask operators have no β schedule (only the "
+                                                  "noise operator reads one), so a UDM scheduler has no betas",
+                      "compatibles": "no diffusers scheduler runs the blur or mask operators"})
 @register("udm-improved", family="udm", stochastic=False, processes=("udm-blur", "udm-mask", "udm-noise"),
           defaults={"udm_rule": "improved"},
-          description="UDM: x_s = x_t + F_s(x̂0) − F_t(x̂0) (cold diffusion, Bansal et al. 2022)")
+          description="UDM: x_s = x_t + F_s(x̂0) − F_t(x̂0) (cold diffusion, Bansal et al. 2022)",
+          deliberate={"trained_betas_round_trip": "the blur and mask operators have no β schedule (only the "
+                                                  "noise operator reads one), so a UDM scheduler has no betas",
+                      "compatibles": "no diffusers scheduler runs the blur or mask operators"})
 class UDMScheduler(SchedulerMixin, ConfigMixin):
     """Sampling for x̂0-predicting models of a UDM operator: a diffusers scheduler with its own prior.
 
@@ -59,19 +68,24 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if self.config.prediction_type != "sample":
             raise ValueError(f"UDM models predict x0 (prediction_type 'sample'), got {self.config.prediction_type!r}")
         self.operator = UDMProcess.from_config(self.config).operator
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.steps = torch.zeros(0, dtype=torch.long)
-        self.timesteps = torch.zeros(0)
-        self._step_index = 0
+        self.init_noise_sigma = 1.0  # the pipeline starts from ``sample_prior``, already at the operator's scale
+        self.set_timesteps(self.config.num_train_timesteps)  # a grid from construction on, as diffusers' schedulers
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def set_timesteps(self, num_inference_steps: int, device=None, steps=None):
-        """n steps evenly from T down to 0, or ``steps``: strictly descending integers from at most T, ending at 0."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, steps=None, timesteps=None):
+        """n steps evenly from T down to 0, or ``steps``: strictly descending integers from at most T, ending at 0,
+        or ``timesteps``: the network's time inputs at those steps but the last (``self.timesteps``' units)."""
         T = self.config.num_train_timesteps
-        if steps is None:
+        if sum(arg is not None for arg in (num_inference_steps, steps, timesteps)) != 1:
+            raise ValueError("pass exactly one of num_inference_steps, steps or timesteps")
+        if timesteps is not None:
+            steps = udm_step(timesteps, T)
+            if len(steps) == 0 or torch.any(steps[1:] >= steps[:-1]) or steps[-1] == 0:
+                raise ValueError(f"timesteps must descend strictly to a step above 0, got {steps.tolist()} as steps")
+            steps = torch.cat([steps, torch.zeros(1, dtype=torch.long)])
+        elif steps is None:
             if not 1 <= num_inference_steps <= T:
                 raise ValueError(f"num_inference_steps must be in [1, {T}] (the process has {T} steps), "
                                  f"got {num_inference_steps}")
@@ -82,7 +96,14 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         self.steps = steps
         self.num_inference_steps = len(steps) - 1
         self.timesteps = model_timestep(steps[:-1], T).to(device)
-        self._step_index = 0
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of ``timestep`` in ``timesteps``; ValueError off the grid."""
+        t = torch.as_tensor(timestep.cpu() if torch.is_tensor(timestep) else timestep, dtype=torch.float32)
+        matches = (self.timesteps.cpu() == t.reshape(())).nonzero().flatten().tolist() if t.numel() == 1 else []
+        if not matches:
+            raise ValueError(f"timestep {t.tolist()} is not in this scheduler's timesteps {self.timesteps.tolist()}")
+        return matches[0]
 
     def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """x_T drawn from the operator's prior (``UDMOperator.prior``); the pipeline starts from it."""
@@ -94,9 +115,8 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """One move t → s of ``udm_rule`` from the model's x̂0 (``model_output``)."""
-        if self._step_index >= self.num_inference_steps:
-            raise ValueError("step() called more often than set_timesteps() planned; call set_timesteps again")
-        t, s = int(self.steps[self._step_index]), int(self.steps[self._step_index + 1])
+        index = self.index_for_timestep(timestep)
+        t, s = int(self.steps[index]), int(self.steps[index + 1])
         x0 = model_output.to(sample.dtype)
         op, rule = self.operator, self.config.udm_rule
         if rule == "naive":
@@ -109,7 +129,6 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             if renewal > 0:
                 eps = math.sqrt(1 - renewal**2) * eps + renewal * self._fresh(sample, generator)
             prev = op.forward(x0, eps, s)
-        self._step_index += 1
         if not return_dict:
             return prev, x0
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -119,5 +138,5 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """F_t(x0, ε) at UDM steps ``timesteps`` (diffusers' name for the forward process)."""
-        return self.operator.forward(original_samples, noise, timesteps)
+        """F_t(x0, ε) at ``timesteps``, time inputs in ``self.timesteps``' units (step t ↔ t · 1000/T)."""
+        return self.operator.forward(original_samples, noise, udm_step(timesteps, self.config.num_train_timesteps))

@@ -195,9 +195,13 @@ def test_bad_settings_raise_value_errors(kwargs, message):
         PFGMppScheduler(**kwargs)
 
 
-def test_prior_needs_the_grid_first():
-    with pytest.raises(ValueError, match="set_timesteps"):
-        PFGMppScheduler().sample_prior((1, *SHAPE))
+def test_the_prior_sits_at_the_current_grids_sigma_max_from_construction_on():
+    scheduler = PFGMppScheduler(pfgm_D=None)  # D = ∞: x_T = σ_max g, a grid laid out at construction (issue #18)
+    for _ in range(2):
+        prior = scheduler.sample_prior((1, *SHAPE), generator=seeded(0), dtype=torch.float64)
+        expected = scheduler.sigmas[0] * torch.randn((1, *SHAPE), generator=seeded(0), dtype=torch.float64)
+        torch.testing.assert_close(prior, expected)
+        scheduler.set_timesteps(sigmas=[5.0, 1.0])
     with pytest.raises(ValueError, match="timestep-sampling"):
         make_objective("pfgmpp", timestep_sampling="importance")
 

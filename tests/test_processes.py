@@ -96,7 +96,8 @@ def test_a_udm_process_is_built_from_its_scheduler_config():
     x0 = torch.rand(SHAPE, generator=seeded(0))
     t = torch.tensor([1, 4, 8, 12, 16, 16])
     example = process.training_example(x0, torch.zeros_like(x0), t)
-    assert torch.equal(example.network_input, scheduler.add_noise(x0, torch.zeros_like(x0), t))
+    # add_noise takes the scheduler's timesteps' units: the network's time input (issue #18)
+    assert torch.equal(example.network_input, scheduler.add_noise(x0, torch.zeros_like(x0), example.time_input))
     assert torch.equal(example.target, x0)
 
 

@@ -19,7 +19,8 @@ from train.run import MetricsLog, StopRequest, launch_command, run_steps, weight
 
 
 class FakePipeline:
-    """Answers a call with raw images (in [-1, 1]) that show as the class label / 4 (0.75 without labels; both exact in binary)."""
+    """Answers a call with raw images (in [-1, 1]) that show as the class label / 4 (0.75 without labels), values
+    exact in binary so the grid's rounding is too."""
 
     def __init__(self, num_classes: int, size: int = 3, channels: int = 1):
         self.num_classes, self.size, self.channels = num_classes, size, channels

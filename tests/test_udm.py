@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler as DiffusersDDPM
 
 import schedulers
 from pipelines import DiffusionImagePipeline
-from schedulers.processes.udm import MASK_VALUE, UDMOperator
+from schedulers.processes.udm import MASK_VALUE, UDMOperator, model_timestep
 from schedulers.udm import UDMScheduler
 from train import diffusion
 from train.objectives import make_objective
@@ -37,14 +37,16 @@ def run(scheduler, x, model, num_steps=None, generator=None, steps=None):
 def test_oracle_x0_reconstructs_exactly(images, operator, rule, noise):
     T = 1000 if operator == "noise" else 40
     scheduler = UDMScheduler(num_train_timesteps=T, udm_operator=operator, udm_noise=noise, udm_rule=rule)
-    x_T = scheduler.add_noise(images, torch.randn(images.shape, generator=seeded(1), dtype=torch.float64), T)
+    x_T = scheduler.add_noise(images, torch.randn(images.shape, generator=seeded(1), dtype=torch.float64),
+                               model_timestep(T, T))
     out = run(scheduler, x_T, lambda x, t: images, 10)
     assert torch.allclose(out, images, atol=1e-10)
     if operator != "noise":  # the naive rule re-noises from scratch: it ends on x̂0 too, but passes elsewhere
         naive = UDMScheduler(num_train_timesteps=T, udm_operator=operator, udm_noise=0.05, udm_rule="naive")
         naive.set_timesteps(10)
         first = naive.step(images, naive.timesteps[0], x_T, generator=seeded(2)).prev_sample
-        assert not torch.allclose(first, scheduler.add_noise(images, torch.zeros_like(images), int(naive.steps[1])))
+        assert not torch.allclose(first, scheduler.add_noise(images, torch.zeros_like(images),
+                                                             naive.timesteps[1]))
 
 
 def test_identity_operator_leaves_x_unchanged_under_the_improved_rule(images):

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..process import to_x0_and_epsilon
+from ..process import expand_to, target_from_x0_and_epsilon, to_x0_and_epsilon
 
 # The discrete VP schedule block: every scheduler has it (σ-space grids uniform in t and UDM's noise operator read it).
 SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -91,6 +91,21 @@ class SigmaProcess(Process):
     @abstractmethod
     def sigma_range(self) -> tuple[float, float]:
         """(σ_min, σ_max) the network was trained on: the default ends of a sampling grid."""
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+        """The σ-space state x_ve = x0 + σ ε at noise level ``sigma`` (scalar or one per sample); ``noise`` is the
+        kernel's draw at σ = 1 (standard normal for a Gaussian process; PFGM++'s scales linearly in σ)."""
+        return x0 + expand_to(torch.as_tensor(sigma, dtype=torch.float64), x0) * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+        """The v-prediction target ᾱ ε − β̄ x0 of the network's input at σ (Salimans & Ho 2022); only a VP
+        process has one."""
+        if self.model_process != "vp":
+            raise ValueError(f"get_velocity is the VP process's v-prediction target; this model's process is "
+                             f"{self.model_process!r}")
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        scale = self.input_scale(sigma)
+        return target_from_x0_and_epsilon("v_prediction", x0, noise, expand_to(scale, x0), expand_to(scale * sigma, x0))
 
     def denoised(self, output: torch.Tensor, x_ve: torch.Tensor, sigma) -> torch.Tensor:
         """D(x_ve; σ) from the network's ``output`` at input s · x_ve."""

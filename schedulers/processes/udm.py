@@ -37,6 +37,18 @@ def model_timestep(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float32) * (MODEL_TIME_SCALE / num_train_timesteps)
 
 
+def udm_step(timestep, num_train_timesteps: int) -> torch.Tensor:
+    """The integer UDM step t of a time input (the inverse of ``model_timestep``); ValueError off the step grid."""
+    scaled = torch.as_tensor(timestep.cpu() if torch.is_tensor(timestep) else timestep,
+                             dtype=torch.float64).reshape(-1) * (num_train_timesteps / MODEL_TIME_SCALE)
+    steps = scaled.round()
+    if torch.any((scaled - steps).abs() > 1e-3) or torch.any(steps < 0) or torch.any(steps > num_train_timesteps):
+        raise ValueError(f"timesteps {scaled.mul(MODEL_TIME_SCALE / num_train_timesteps).tolist()} are not time "
+                         f"inputs of UDM steps 0 … {num_train_timesteps} (step t has time input t · "
+                         f"{MODEL_TIME_SCALE}/{num_train_timesteps})")
+    return steps.long()
+
+
 def _dct_matrix(n: int) -> torch.Tensor:
     """The orthonormal DCT-II matrix C (n × n), rows = frequencies: C @ v is the DCT of v."""
     k = torch.arange(n, dtype=torch.float64)[:, None]
