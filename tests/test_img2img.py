@@ -139,11 +139,14 @@ def test_diffusers_own_sigma_space_schedulers_run_it_unchanged(pipe, digits, sch
 @pytest.mark.parametrize("sampler", [name for name in SAMPLERS if fits_mnist_exact(name)])
 def test_every_sampler_noises_the_image_or_says_why_not(pipe, digits, sampler):
     """A sampler with add_noise and fixed steps runs img2img close to the input; any other raises one clear
-    ValueError (today the σ-space samplers have no add_noise; rk45 chooses its own steps)."""
+    ValueError (rk45 chooses its own steps)."""
     pipe.set_sampler(sampler)
     if sampler in NOISABLE:
         out = run(pipe, image=digits, strength=0.2)  # (DDPM's fixed_large variance keeps the least of it)
-        assert rms(out.images, digits) < 0.75 * rms(run(pipe).images, digits)
+        # Literal Euler–Maruyama leaves grain at 10 steps whether it starts from noise or from an image (its
+        # plain samples sit 0.8 RMS from a digit where DDIM's sit 0.45; issue #17), so it is held to less.
+        margin = 0.9 if SAMPLERS[sampler].family == "sde" else 0.75
+        assert rms(out.images, digits) < margin * rms(run(pipe).images, digits)
     else:
         with pytest.raises(ValueError, match="cannot (noise an image|start partway from an image)"):
             run(pipe, image=digits, strength=0.2)
