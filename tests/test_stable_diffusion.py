@@ -127,9 +127,7 @@ def test_from_config_swaps_a_sampler_in_as_the_readme_shows(sd_pipe):
     assert not torch.allclose(ours, stock, atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="rk45 in a fixed-step loop runs no step (empty timesteps) and decodes the "
-                                       "noise instead of raising (issue #18 item 2, the standard API)")
 def test_an_adaptive_sampler_in_the_pipeline_names_solve(sd_pipe):
     sd_pipe.scheduler = schedulers.get_sampler("rk45").create(SD_SCHEDULER.config)
-    with pytest.raises(Exception, match=r"solve\(\)"):
+    with pytest.raises(ValueError, match=r"solve\(model_call, x\)"):
         run_pipeline(sd_pipe)
