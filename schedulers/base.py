@@ -15,7 +15,14 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .ancestral import ancestral_step
-from .process import VPSchedule, expand_to, spaced_timesteps, target_from_x0_and_epsilon, to_x0_and_epsilon
+from .process import (
+    VPSchedule,
+    coefficients_of,
+    expand_to,
+    spaced_timesteps,
+    target_from_x0_and_epsilon,
+    to_x0_and_epsilon,
+)
 
 
 class VPScheduler(SchedulerMixin, ConfigMixin):
@@ -123,8 +130,7 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
 
     def coefficients_at(self, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ᾱ, β̄) of a grid point, float64; −1 stands for the end of the run."""
-        acp = self.alpha_cumprod_at(timestep)
-        return acp.sqrt(), (1 - acp).sqrt()
+        return coefficients_of(self.alpha_cumprod_at(timestep))
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample

@@ -131,9 +131,8 @@ class VPSchedule:
         return torch.sigmoid(-2 * log_sigma)  # ᾱ² = 1/(1 + σ²)
 
     def coefficients(self, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, β̄_t) = (sqrt(alphas_cumprod[t]), sqrt(1 − alphas_cumprod[t])): x_t = ᾱ_t x0 + β̄_t ε."""
-        acp = self.alpha_cumprod(t)
-        return acp.sqrt(), (1 - acp).sqrt()
+        """(ᾱ_t, β̄_t) of step t: x_t = ᾱ_t x0 + β̄_t ε (``coefficients_of``)."""
+        return coefficients_of(self.alpha_cumprod(t))
 
     def sigma(self, t) -> torch.Tensor:
         """σ_t = β̄_t/ᾱ_t = sqrt((1 − ᾱ_t²)/ᾱ_t²), the VE noise level of step t."""
@@ -152,6 +151,11 @@ class VPSchedule:
         lo = hi - 1
         w = (log_sigma - ls[lo]) / (ls[hi] - ls[lo])
         return (lo + w.clamp(0, 1)).to(torch.float64)
+
+
+def coefficients_of(alpha_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ᾱ, β̄) = (sqrt(ᾱ²), sqrt(1 − ᾱ²)) from diffusers' ``alphas_cumprod`` value ᾱ² (Su's notation)."""
+    return alpha_cumprod.sqrt(), (1 - alpha_cumprod).sqrt()
 
 
 def expand_to(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
