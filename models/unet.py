@@ -30,6 +30,15 @@ UNET_CONFIGS: dict[str, dict] = {
         # 8 groups keep 4+ channels per group at every width; 32 groups on 32 channels would be instance norm.
         norm_num_groups=8,
     ),
+    # MNIST at its native 28×28 on a CPU: ~1.1M parameters, three levels (28 → 14 → 7), attention at 7×7. A step
+    # costs ~0.65× the "small" UNet's at 32×32 (bench/training_recipes.py, step-cost table).
+    "mnist28": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
     # google/ddpm-cifar10-32, the DDPM CIFAR-10 model (Ho et al. 2020, Appendix B): 35.7M parameters. The
     # embedding and padding settings match its config.json, so its weights load into this architecture.
     "cifar": dict(

@@ -45,7 +45,7 @@ from train.options import add_common_arguments, check_at_least_one, check_common
 from train.run import Trainer, TrainingRun
 
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
-PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise")  # passed to (and kept invariant by) the objectives that take them
+PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma")  # passed to (and kept invariant by) the objectives that take them
 # What a resumed run must share with the checkpoint's run, besides train.run.COMMON_INVARIANTS and PROCESS_OPTIONS.
 RESUME_INVARIANTS = ("objective", "timestep_sampling", "model", "label_dropout", "grad_accum")
 NOISE_STREAM = 1  # the random stream of the noise, timesteps and label dropout (train.batch_order)
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     process = parser.add_argument_group("process options (only the objectives that have them use them)")
     process.add_argument("--pfgm-D", "--D", dest="pfgm_D", type=int, default=128,
                          help="pfgmpp: extra dimensions D (1 = PFGM, larger → EDM; --objective edm is D = ∞)")
+    process.add_argument("--snr-gamma", type=float, default=None,
+                         help="vp-*: min-SNR-γ loss weighting (Hang et al. 2023; 5 is the paper's); default off")
     process.add_argument("--udm-loss", choices=["l1", "l2"], default="l1", help="udm-*: the x0 regression's norm")
     process.add_argument("--udm-noise", type=float, default=0.01,
                          help="udm-blur/udm-mask: std of the small noise added to the deterministic corruption")

@@ -225,7 +225,8 @@ class VPObjective(Objective):
     """The discrete variance-preserving (DDPM) objective: x_t = ᾱ_t x0 + β̄_t ε (Ho et al. 2020, eq. 4).
 
     The network regresses ε (``epsilon``, DDPM eq. 14), x0 (``sample``) or v = ᾱ ε − β̄ x0 (``v_prediction``,
-    Salimans & Ho 2022 §4) at a timestep drawn uniformly or by importance (``ImportanceTimesteps``).
+    Salimans & Ho 2022 §4) at a timestep drawn uniformly or by importance (``ImportanceTimesteps``), with each
+    sample's loss weighted by min-SNR-γ (``snr_gamma``, ``schedulers.processes.vp.min_snr_weight``) or by 1.
     """
 
     process = "vp"
@@ -240,6 +241,7 @@ class VPObjective(Objective):
         null_class_id: int | None = None,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        snr_gamma: float | None = None,
     ):
         super().__init__(label_dropout, null_class_id)
         if prediction_type not in VP_OBJECTIVE_NAMES:
@@ -255,7 +257,8 @@ class VPObjective(Objective):
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.schedule = VPSchedule(make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end))
-        self.forward_process = VPProcess(prediction_type, self.schedule)
+        self.forward_process = VPProcess(prediction_type, self.schedule, snr_gamma)
+        self.snr_gamma = snr_gamma
         self.timestep_sampling = timestep_sampling
         self.timesteps = make_timestep_sampler(timestep_sampling, num_train_timesteps)
 
@@ -290,7 +293,8 @@ class VPObjective(Objective):
         return DDIMScheduler(**self.scheduler_config())
 
     def model_info(self) -> dict[str, Any]:
-        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name}
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "timestep_sampling": self.timestep_sampling, "snr_gamma": self.snr_gamma}
 
 
 class FlowObjective(Objective):

@@ -15,6 +15,20 @@ from .base import SCHEDULE_DEFAULTS, SigmaProcess, TrainingExample
 DISCRETE_GRID_KEYS = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range")
 
 
+def min_snr_weight(alpha: torch.Tensor, beta: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", eq. 10).
+
+    In x0 terms the weight is min(SNR, γ) with SNR = ᾱ²/β̄². Since ‖ε − ε̂‖² = SNR ‖x0 − x̂0‖² and
+    ‖v − v̂‖² = (SNR + 1) ‖x0 − x̂0‖², the ε loss takes min(SNR, γ)/SNR and the v loss min(SNR, γ)/(SNR + 1).
+    """
+    snr = (alpha / beta) ** 2
+    clipped = snr.clamp(max=gamma)
+    divisors = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
+    if prediction_type not in divisors:
+        raise ValueError(f"min-SNR weighting is defined for {tuple(divisors)}, got {prediction_type!r}")
+    return clipped / divisors[prediction_type]
+
+
 class VPProcess(SigmaProcess):
     """A network trained on a discrete VP schedule: input ᾱ x_ve at the fractional step t(σ)."""
 
@@ -22,9 +36,12 @@ class VPProcess(SigmaProcess):
     label = "VP"
     config_defaults = {**SCHEDULE_DEFAULTS, "model_process": "vp"}
 
-    def __init__(self, prediction_type: str, schedule: VPSchedule):
+    def __init__(self, prediction_type: str, schedule: VPSchedule, snr_gamma: float | None = None):
         super().__init__(prediction_type)
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma (min-SNR-γ weighting) must be positive or None (off), got {snr_gamma}")
         self.schedule = schedule
+        self.snr_gamma = snr_gamma
 
     @classmethod
     def from_config(cls, config) -> VPProcess:
@@ -35,12 +52,14 @@ class VPProcess(SigmaProcess):
         return (*super().config_keys(), *DISCRETE_GRID_KEYS)
 
     def training_example(self, x0, noise, time) -> TrainingExample:
-        """``time``: integer training steps, (B,)."""
+        """``time``: integer training steps, (B,); the loss weight is min-SNR-γ's when ``snr_gamma`` is set, else 1."""
         alpha, beta = self.schedule.coefficients(time)
         alpha, beta = alpha.to(x0.device), beta.to(x0.device)
         noisy = expand_to(alpha, x0) * x0 + expand_to(beta, x0) * noise
         target = target_from_x0_and_epsilon(self.prediction_type, x0, noise, alpha, beta)
-        return TrainingExample(noisy, time.to(x0.device), target, torch.ones(len(x0), device=x0.device))
+        weight = (torch.ones(len(x0)) if self.snr_gamma is None
+                  else min_snr_weight(alpha, beta, self.prediction_type, self.snr_gamma).float())
+        return TrainingExample(noisy, time.to(x0.device), target, weight.to(x0.device))
 
     def input_scale(self, sigma):
         return 1 / (1 + torch.as_tensor(sigma, dtype=torch.float64) ** 2).sqrt()
