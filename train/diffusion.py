@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     groups.optim.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS))
     groups.optim.add_argument("--grad-accum", type=int, default=1,
                               help="micro-batches per optimizer step (effective batch × this)")
+    groups.optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    groups.optim.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW's β1 (β2 stays 0.999)")
+    groups.optim.add_argument("--ema-power", type=float, default=None,
+                              help="EMA warm-up: decay min(1 − (1 + step)^−power, --ema-decay) (diffusers' "
+                                   "train_unconditional uses 0.75); default: the constant --ema-decay")
     groups.optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     return parser
 
@@ -86,7 +91,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first option out of range."""
     check_common_args(args)
     check_at_least_one(args, "grad_accum")
-    check_non_negative(args, "warmup", "grad_clip")
+    check_non_negative(args, "warmup", "grad_clip", "weight_decay")
+    if not 0.0 <= args.adam_beta1 < 1.0:
+        raise ValueError(f"--adam-beta1 must be in [0, 1), got {args.adam_beta1}")
+    if args.ema_power is not None and not args.ema_power > 0:
+        raise ValueError(f"--ema-power must be positive, got {args.ema_power}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,12 +165,14 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_unet(args.model, args.image_size, run.dataset.channels, run.num_classes)
     objective, process_options = build_objective(args, run.num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999),
+                                  weight_decay=args.weight_decay)
     lr_schedule = get_scheduler(LR_DECAYS[args.lr_decay], optimizer, num_warmup_steps=args.warmup,
                                 num_training_steps=args.steps)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     unwrapped = accelerator.unwrap_model(model)
-    ema = run.track_ema(unwrapped, model_cls=UNet2DModel, model_config=unwrapped.config)
+    warmup = {} if args.ema_power is None else {"use_ema_warmup": True, "inv_gamma": 1.0, "power": args.ema_power}
+    ema = run.track_ema(unwrapped, model_cls=UNet2DModel, model_config=unwrapped.config, **warmup)
     accelerator.register_for_checkpointing(objective)
     model.train()
     parts = DiffusionParts(model, objective, optimizer, lr_schedule)

@@ -51,6 +51,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, lr: float, ema_decay: 
     run.add_argument("--keep-checkpoints", type=int, default=3)
     run.add_argument("--resume", default=None, help="'latest' or a checkpoint directory of this run")
     run.add_argument("--sample-every", type=int, default=1000, help="EMA sample grid every N steps; 0 disables")
+    run.add_argument("--export-every", type=int, default=0,
+                     help="also export the EMA pipeline to OUTPUT_DIR/exports/step-STEP every N steps; 0 disables")
     run.add_argument("--export", type=Path, default=None, help="pipeline directory (default OUTPUT_DIR/model)")
     return OptionGroups(data, optim, run)
 
@@ -70,7 +72,7 @@ def check_non_negative(args: argparse.Namespace, *names: str) -> None:
 def check_common_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first shared option out of range."""
     check_at_least_one(args, "steps", "batch_size", "checkpoint_every", "keep_checkpoints", "image_size")
-    check_non_negative(args, "sample_every", "num_workers")
+    check_non_negative(args, "sample_every", "num_workers", "export_every")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if not 0.0 <= args.ema_decay < 1.0:

@@ -59,6 +59,7 @@ from train.checkpointing import (
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "run_summary.json"
+SNAPSHOT_DIR = "exports"  # --export-every's EMA pipelines, one step-STEP/ each
 PREVIEW_COLUMNS = 8
 PREVIEW_SEED = 0
 # What every resumed run must share with the run that wrote the checkpoint (each trainer adds its own options).
@@ -277,6 +278,7 @@ class TrainingRun:
                                  start_batch=self.start_step * trainer.batches_per_step)
         self._batches = iter(DataLoader(self.train_set, batch_sampler=order, num_workers=args.num_workers))
         started = time.perf_counter()
+        self._cpu_started = time.process_time()
         stop = StopRequest(self.accelerator)
         stopped = False
 
@@ -307,15 +309,18 @@ class TrainingRun:
 
     def _after_step(self, step: int, values: dict[str, float], trainer: Trainer, invariants: dict[str, Any],
                     metrics: MetricsLog, stop: StopRequest) -> bool:
-        """Log, checkpoint when due (or when stopping), preview when due; returns whether to stop."""
+        """Log (with this invocation's CPU seconds so far), checkpoint when due (or when stopping), export a
+        snapshot and preview when due; returns whether to stop."""
         args = self.args
-        metrics.log(step, values)
+        metrics.log(step, {**values, "cpu_seconds": round(time.process_time() - self._cpu_started, 2)})
         stopping = stop.requested()
         if step % args.checkpoint_every == 0 or step == args.steps or stopping:
             samples_seen = step * trainer.batches_per_step * self.global_batch
             save_checkpoint(self.accelerator, args.output_dir, step,
                             {**trainer.checkpoint_fields(step), "samples_seen": samples_seen,
                              "invariants": invariants}, keep=args.keep_checkpoints)
+        if args.export_every and step % args.export_every == 0 and self.accelerator.is_main_process:
+            trainer.export(args.output_dir / SNAPSHOT_DIR / f"step-{step}", step)
         if args.sample_every and step % args.sample_every == 0 and self.accelerator.is_main_process:
             grid = image_grid(trainer.preview(step), PREVIEW_COLUMNS, seed=PREVIEW_SEED, **trainer.preview_kwargs)
             (args.output_dir / "samples").mkdir(exist_ok=True)
