@@ -37,13 +37,13 @@ def class_balanced_labels(num_classes: int, count: int) -> torch.Tensor:
 
 def sample_images(pipeline, count: int | None = None, *, class_labels=None, seed: int = 0,
                   batch_size: int = SAMPLING_BATCH, progress: Callable[[int, int], None] | None = None,
-                  **call_kwargs) -> torch.Tensor:
+                  clamp: bool = True, **call_kwargs) -> torch.Tensor:
     """(N, C, H, W) images in [-1, 1] from ``pipeline``, ``batch_size`` per call, call i seeded with seed + i.
 
     ``class_labels``: one label per image (a tensor or list; ``count`` may then be left out), or None for
     ``count`` unconditional images. ``progress(done, total)`` runs after every batch. ``call_kwargs`` go to every
-    pipeline call. The raw output is clamped: the samplers clip x̂0 to [-1, 1] and the last step lands on it up to
-    float rounding.
+    pipeline call. The raw output is clamped to [-1, 1] (the data's range) unless ``clamp`` is False, which
+    returns it as the sampler left it (to measure how far a model overshoots).
     """
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels)
@@ -64,7 +64,8 @@ def sample_images(pipeline, count: int | None = None, *, class_labels=None, seed
                                 output_type="raw", **call_kwargs).images)
         if progress is not None:
             progress(start + size, count)
-    return torch.cat(batches).clamp(-1, 1)
+    images = torch.cat(batches)
+    return images.clamp(-1, 1) if clamp else images
 
 
 def image_grid(pipeline, columns: int, *, seed: int = 0, **call_kwargs) -> PIL.Image.Image:

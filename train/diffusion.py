@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,10 +43,12 @@ from models.unet import UNET_CONFIGS, build_unet
 from pipelines import DiffusionImagePipeline
 from train.objectives import OBJECTIVES, TIMESTEP_SAMPLINGS, Objective, accepted_options, make_objective
 from train.options import add_common_arguments, check_at_least_one, check_common_args, check_non_negative, run_main
+from train.recipes import RECIPES, recipe_flags
 from train.run import Trainer, TrainingRun
 
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
-PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma")  # passed to (and kept invariant by) the objectives that take them
+# passed to (and kept invariant by) the objectives that take them
+PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma")
 # What a resumed run must share with the checkpoint's run, besides train.run.COMMON_INVARIANTS and PROCESS_OPTIONS.
 RESUME_INVARIANTS = ("objective", "timestep_sampling", "model", "label_dropout", "grad_accum")
 NOISE_STREAM = 1  # the random stream of the noise, timesteps and label dropout (train.batch_order)
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.diffusion", description=__doc__.splitlines()[0])
     groups = add_common_arguments(parser, lr=2e-4, ema_decay=0.999)
     model = parser.add_argument_group("model and objective")
+    model.add_argument("--recipe", default=None, choices=list(RECIPES),
+                       help="start from a named recipe's flags (train.recipes); flags given after it win")
     model.add_argument("--objective", default="vp-eps", choices=sorted(OBJECTIVES))
     model.add_argument("--timestep-sampling", default="uniform", choices=TIMESTEP_SAMPLINGS)
     model.add_argument("--model", default="small", choices=list(UNET_CONFIGS), help="models.unet.UNET_CONFIGS name")
@@ -202,7 +207,24 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     return run.train(diffusion_trainer(run))
 
 
+def with_recipe(argv: list[str]) -> list[str]:
+    """``argv`` with ``--recipe NAME`` expanded into the recipe's flags, placed where it stands so that later
+    flags override it (argparse keeps the last value)."""
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[1] if arg.startswith("--recipe=") else argv[i + 1] if (
+            arg == "--recipe" and i + 1 < len(argv)) else None
+        if name is not None:
+            width = 1 if "=" in arg else 2
+            return [*argv[:i], *recipe_flags(name), *argv[i:i + width], *with_recipe(argv[i + width:])]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        argv = with_recipe(argv)
+    except ValueError as err:
+        build_parser().error(str(err))
     run_main(build_parser, check_args, train, argv)
 
 
