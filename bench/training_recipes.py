@@ -21,7 +21,8 @@ class-balanced digits at guidance 1 with the project's judge (``checkpoints/mnis
 
 prints the table, writes bench/results/training_recipes.json and training_recipes.png (feature-FID against
 CPU-minutes). The run directories (``--runs-dir``, default runs/training-recipes) are kept: a second call with the
-same settings reuses the finished runs and scores only what is missing.
+same settings reuses the finished runs and resumes the unfinished ones from their last snapshot (``--resume
+latest``), so a study may span several sessions; the CPU-minutes count every invocation.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def training_command(recipe: str, args: argparse.Namespace, steps: int, output_d
     return [sys.executable, "-m", "train.diffusion", "--recipe", recipe, "--dataset", "mnist",
             "--image-size", str(args.image_size), "--model", args.model, "--conditional",
             "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--steps", str(steps),
-            "--export-every", str(export_every), "--checkpoint-every", str(steps), "--keep-checkpoints", "1",
-            "--sample-every", "0", "--output-dir", str(output_dir)]
+            "--export-every", str(export_every), "--checkpoint-every", str(export_every), "--keep-checkpoints", "1",
+            "--sample-every", "0", "--output-dir", str(output_dir), "--resume", "latest"]
 
 
 def one_thread_env() -> dict[str, str]:
@@ -83,14 +84,12 @@ def train_recipes(args: argparse.Namespace, steps: int, export_every: int) -> No
     while pending or running:
         while pending and len(running) < args.parallel:
             recipe = pending.pop(0)
-            run_dir = args.runs_dir / recipe
-            if run_dir.exists():  # an unfinished run of an earlier call: start it again
-                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            run_dir = args.runs_dir / recipe  # an unfinished run of an earlier call resumes (--resume latest)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
-            log = open(args.runs_dir / f"{recipe}.log", "w")  # noqa: SIM115 (closed when the run ends)
             print(f"training {recipe}: {steps} steps", flush=True)
-            running.append((recipe, subprocess.Popen(training_command(recipe, args, steps, run_dir, export_every),
-                                                     env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT)))
+            with open(args.runs_dir / f"{recipe}.log", "a") as log:  # the child keeps its own handle
+                running.append((recipe, subprocess.Popen(training_command(recipe, args, steps, run_dir, export_every),
+                                                         env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT)))
         recipe, process = running.pop(0)
         if process.wait() != 0:
             raise RuntimeError(f"recipe {recipe!r} failed (exit {process.returncode}); see "
@@ -195,11 +194,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def study_plan(args: argparse.Namespace) -> tuple[float, int, int]:
+    """(step CPU seconds, steps per recipe, steps between snapshots): calibrated on the first call and kept in
+    ``RUNS_DIR/study.json``, so the runs a later call resumes keep their length (and learning-rate schedule)."""
+    plan_file = args.runs_dir / "study.json"
+    settings = {"cpu_minutes": args.cpu_minutes, "points": args.points, "model": args.model,
+                "image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed}
+    if plan_file.exists():
+        plan = json.loads(plan_file.read_text())
+        if plan["settings"] != settings:
+            raise SystemExit(f"{args.runs_dir} holds a study with other settings ({plan['settings']}); pass the "
+                             f"same ones or another --runs-dir")
+        return plan["step_cpu_seconds"], plan["steps"], plan["export_every"]
     step_seconds = calibrate_step_seconds(args)
     export_every = max(1, round(args.cpu_minutes * 60 / step_seconds / args.points))
-    steps = export_every * args.points
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(json.dumps({"settings": settings, "step_cpu_seconds": step_seconds,
+                                     "steps": export_every * args.points, "export_every": export_every}) + "\n")
+    return step_seconds, export_every * args.points, export_every
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    step_seconds, steps, export_every = study_plan(args)
     print(f"a step costs {step_seconds:.2f} CPU-s: {steps} steps per recipe, scored every {export_every}", flush=True)
     train_recipes(args, steps, export_every)
     rows = score_runs(args, steps, export_every)

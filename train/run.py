@@ -127,6 +127,7 @@ class MetricsLog:
     def __init__(self, accelerator: Accelerator, output_dir: Path, resumed_step: int):
         self.accelerator = accelerator
         self.path = output_dir / METRICS_FILE
+        self.cpu_seconds_before = 0.0  # the CPU seconds the logged steps took in earlier invocations
         if accelerator.is_main_process:
             self._truncate_after(resumed_step)
 
@@ -136,6 +137,8 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+        if kept:
+            self.cpu_seconds_before = json.loads(kept[-1]).get("cpu_seconds", 0.0)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)
@@ -309,10 +312,11 @@ class TrainingRun:
 
     def _after_step(self, step: int, values: dict[str, float], trainer: Trainer, invariants: dict[str, Any],
                     metrics: MetricsLog, stop: StopRequest) -> bool:
-        """Log (with this invocation's CPU seconds so far), checkpoint when due (or when stopping), export a
-        snapshot and preview when due; returns whether to stop."""
+        """Log (with the run's CPU seconds so far, over every invocation), checkpoint when due (or when stopping),
+        export a snapshot and preview when due; returns whether to stop."""
         args = self.args
-        metrics.log(step, {**values, "cpu_seconds": round(time.process_time() - self._cpu_started, 2)})
+        cpu_seconds = metrics.cpu_seconds_before + time.process_time() - self._cpu_started
+        metrics.log(step, {**values, "cpu_seconds": round(cpu_seconds, 2)})
         stopping = stop.requested()
         if step % args.checkpoint_every == 0 or step == args.steps or stopping:
             samples_seen = step * trainer.batches_per_step * self.global_batch
