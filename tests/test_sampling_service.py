@@ -56,6 +56,9 @@ def test_samples_have_the_asked_shape_and_lie_in_the_data_range(conditional, unc
     as_list = sample_images(conditional, class_labels=labels.tolist(), batch_size=4, num_inference_steps=STEPS,
                             guidance_scale=2.0)
     assert torch.equal(as_list, images)
+    raw = sample_images(conditional, class_labels=labels, batch_size=4, num_inference_steps=STEPS,
+                        guidance_scale=2.0, clamp=False)  # the overshoot, as the sampler left it
+    assert torch.equal(raw.clamp(-1, 1), images)
 
 
 def test_batches_are_seeded_as_the_published_scores_were(conditional, unconditional):
