@@ -216,7 +216,8 @@ def run(models: list[tuple[str, int]], batch_size: int, inference_batch: int, st
                 steps_of[row].append(timed)
                 infers_of[row].append(inferred)
                 print(f"round {round_index + 1}/{repeats} {row.name:34s} step "
-                      f"{1000 * median(t[0] for t in timed):7.1f} ms CPU {1000 * median(t[2] for t in timed):7.1f} ms wall; inference "
+                      f"{1000 * median(t[0] for t in timed):7.1f} ms CPU "
+                      f"{1000 * median(t[2] for t in timed):7.1f} ms wall; inference "
                       f"{1000 * median(t[0] for t in inferred):7.1f} ms CPU", flush=True)
     finally:
         inductor_config.compile_threads = previous_threads
@@ -300,7 +301,8 @@ def markdown(results: dict) -> str:
                      for key in ("step", "inference") if compile_info[f"first_{key}_cpu_seconds"] is not None]
             notes.append("compile: " + ", ".join(parts))
         lines.append(f"| {row['name']} | {row['parameters'] / 1e6:.2f}M | "
-                     f"{1000 * row['step_cpu_seconds_median']:.0f} | {1000 * row['step_wall_seconds_median']:.0f} | {row['step_ratio_to_baseline']:.2f} | "
+                     f"{1000 * row['step_cpu_seconds_median']:.0f} | {1000 * row['step_wall_seconds_median']:.0f} | "
+                     f"{row['step_ratio_to_baseline']:.2f} | "
                      f"{1000 * row['inference_cpu_seconds_median']:.0f} | {row['inference_ratio_to_baseline']:.2f} | "
                      f"{'; '.join(notes) or '—'} |")
     lines += ["", "Compile: the first training step and the first batch-size inference forward of the compiled "
