@@ -82,6 +82,10 @@ BENCHMARKS = (
     Benchmark("training_speed",
               quick=(("--steps", "2", "--warmup-steps", "1", "--repeats", "1", "--out",
                       "bench/results/training_speed-quick.json"),)),
+    Benchmark("training_step_cost",
+              quick=(("--models", "tiny:16", "tiny:8", "--no-compile", "--steps", "1", "--warmup-steps", "1",
+                      "--repeats", "1", "--batch-size", "8", "--inference-batch", "16", "--out",
+                      "bench/results/training_step_cost-quick.json"),)),
 )
 
 HEADER = """# Benchmarks
