@@ -31,7 +31,7 @@ UNET_CONFIGS: dict[str, dict] = {
         norm_num_groups=8,
     ),
     # MNIST at its native 28×28 on a CPU: ~1.1M parameters, three levels (28 → 14 → 7), attention at 7×7. A step
-    # costs ~0.65× the "small" UNet's at 32×32 (bench/training_recipes.py, step-cost table).
+    # costs ~0.57× the "small" UNet's at 32×32 (bench/training_step_cost.py).
     "mnist28": dict(
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
