@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -77,9 +78,15 @@ def calibrate_step_seconds(args: argparse.Namespace) -> float:
     return gaps[len(gaps) // 2]
 
 
-def train_recipes(args: argparse.Namespace, steps: int, export_every: int) -> None:
-    """Train every recipe whose run has not finished, ``--parallel`` at a time; a failed run raises naming it."""
-    pending = [r for r in args.recipes if not (args.runs_dir / r / SNAPSHOT_DIR / f"step-{steps}").is_dir()]
+def train_recipes(args: argparse.Namespace, steps: int, export_every: int, finished: Callable[[str], None]) -> None:
+    """Train every recipe whose run has not finished, ``--parallel`` at a time, calling ``finished(recipe)`` for each
+    run once it is done (at once for those an earlier call finished); a failed run raises naming it."""
+    pending = []
+    for recipe in args.recipes:
+        if (args.runs_dir / recipe / SNAPSHOT_DIR / f"step-{steps}").is_dir():
+            finished(recipe)
+        else:
+            pending.append(recipe)
     running: list[tuple[str, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < args.parallel:
@@ -90,14 +97,20 @@ def train_recipes(args: argparse.Namespace, steps: int, export_every: int) -> No
             with open(args.runs_dir / f"{recipe}.log", "a") as log:  # the child keeps its own handle
                 running.append((recipe, subprocess.Popen(training_command(recipe, args, steps, run_dir, export_every),
                                                          env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT)))
-        recipe, process = running.pop(0)
+        recipe, process = running.pop(0)  # the runs are of equal length: the oldest finishes first
         if process.wait() != 0:
             raise RuntimeError(f"recipe {recipe!r} failed (exit {process.returncode}); see "
                                f"{args.runs_dir / (recipe + '.log')}")
+        finished(recipe)
 
 
 def score_snapshot(snapshot: Path, samples: int, seed: int, with_ddpm: bool) -> dict:
-    """The judge's scores of one exported snapshot (runs in a worker process, one torch thread)."""
+    """The judge's scores of one exported snapshot (runs in a worker process, one torch thread), kept in
+    ``SNAPSHOT/study_scores.json`` and read back from there by a later call with the same settings."""
+    cache = snapshot / "study_scores.json"
+    settings = {"samples": samples, "seed": seed, "with_ddpm": with_ddpm, "samplers": SAMPLERS}
+    if cache.exists() and json.loads(cache.read_text())["settings"] == settings:
+        return json.loads(cache.read_text())["scores"]
     from evaluation.judge import feature_fid, heldout_digits, judge_accuracy, load_judge
     from evaluation.sampling import class_balanced_labels, sample_images
     from pipelines import DiffusionImagePipeline
@@ -119,20 +132,23 @@ def score_snapshot(snapshot: Path, samples: int, seed: int, with_ddpm: bool) -> 
         scores[sampler] = {"feature_fid": feature_fid(judge, images, heldout),
                            "accuracy": judge_accuracy(judge, images, labels),
                            "outside_range": float((raw.abs() > RANGE_LIMIT).float().mean())}
+    write_results(cache, {"settings": settings, "scores": scores})
     return scores
 
 
-def score_runs(args: argparse.Namespace, steps: int, export_every: int) -> list[dict]:
-    """One row per (recipe, snapshot): its step, CPU-minutes so far and scores; scored ``--parallel`` at a time."""
+def train_and_score(args: argparse.Namespace, steps: int, export_every: int) -> list[dict]:
+    """One row per (recipe, snapshot): its step, CPU-minutes so far and scores. Each run's snapshots are scored
+    (``--parallel`` at a time) as soon as it finishes, while the next runs train."""
     jobs = {}
     with ProcessPoolExecutor(args.parallel) as pool:
-        for recipe in args.recipes:
-            run_dir = args.runs_dir / recipe
-            cpu = cpu_seconds_by_step(run_dir)
+        def score(recipe: str) -> None:
+            cpu = cpu_seconds_by_step(args.runs_dir / recipe)
             for step in range(export_every, steps + 1, export_every):
-                snapshot = run_dir / SNAPSHOT_DIR / f"step-{step}"
+                snapshot = args.runs_dir / recipe / SNAPSHOT_DIR / f"step-{step}"
                 jobs[(recipe, step, cpu[step])] = pool.submit(score_snapshot, snapshot, args.samples, args.seed,
-                                                                  step == steps)
+                                                              step == steps)
+
+        train_recipes(args, steps, export_every, score)
         return [{"recipe": recipe, "step": step, "cpu_minutes": round(seconds / 60, 2), **job.result()}
                 for (recipe, step, seconds), job in jobs.items()]
 
@@ -218,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     step_seconds, steps, export_every = study_plan(args)
     print(f"a step costs {step_seconds:.2f} CPU-s: {steps} steps per recipe, scored every {export_every}", flush=True)
-    train_recipes(args, steps, export_every)
-    rows = score_runs(args, steps, export_every)
+    rows = train_and_score(args, steps, export_every)
     print_table(rows)
     results = {**machine_info(), "settings": {**{k: str(v) if isinstance(v, Path) else v
                                                   for k, v in vars(args).items()},
