@@ -86,6 +86,11 @@ BENCHMARKS = (
               quick=(("--models", "tiny:16", "tiny:8", "--no-compile", "--steps", "1", "--warmup-steps", "1",
                       "--repeats", "1", "--batch-size", "8", "--inference-batch", "16", "--out",
                       "bench/results/training_step_cost-quick.json"),)),
+    Benchmark("training_recipes",
+              commands=(("--cpu-minutes", "24", "--points", "3", "--samples", "200"),),
+              quick=(("--recipes", "eps", "flow-logit-normal", "--cpu-minutes", "0.05", "--points", "2", "--samples",
+                      "10", "--runs-dir", "runs/training-recipes-quick", "--output",
+                      "bench/results/training_recipes-quick.json"),)),
 )
 
 HEADER = """# Benchmarks

@@ -153,6 +153,24 @@ def train_and_score(args: argparse.Namespace, steps: int, export_every: int) -> 
                 for (recipe, step, seconds), job in jobs.items()]
 
 
+def markdown(results: dict) -> str:
+    """The table of every scored snapshot and the plot (for docs/benchmarks.md)."""
+    settings = results["settings"]
+    lines = [f"{settings['model']} at {settings['image_size']}×{settings['image_size']}, batch "
+             f"{settings['batch_size']}, {settings['steps']} steps per recipe (a budget of {settings['cpu_minutes']} "
+             f"CPU-minutes at {settings['step_cpu_seconds']:.2f} CPU-s a step), {settings['samples']} samples per "
+             f"score at guidance 1 (FID from so few samples is biased upwards: compare rows, not the floor 2.0).",
+             "", "| recipe | step | CPU-min | FID dpm++2m 20 | accuracy | raw > 1.1 | FID DDPM 100 | raw > 1.1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        dpm, ddpm = row["dpmpp-2m"], row.get("ddpm")
+        ddpm_cells = f"{ddpm['feature_fid']:.1f} | {ddpm['outside_range']:.2%}" if ddpm else "— | —"
+        lines.append(f"| {row['recipe']} | {row['step']} | {row['cpu_minutes']:.1f} | {dpm['feature_fid']:.1f} | "
+                     f"{dpm['accuracy']:.1%} | {dpm['outside_range']:.2%} | {ddpm_cells} |")
+    lines += ["", "![feature-FID against training CPU-minutes per recipe](../bench/results/training_recipes.png)"]
+    return "\n".join(lines)
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'recipe':18s} {'step':>5s} {'CPU-min':>7s} | {'FID dpm++2m 20':>14s} {'acc':>6s} {'>1.1':>6s} | "
           f"{'FID DDPM 100':>12s} {'>1.1':>6s}")
