@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .ancestral import ancestral_step
+from .clipping import check_clipping, clip_x0, clips
 from .process import (
     VPSchedule,
     coefficients_of,
@@ -41,6 +42,7 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
     def _init_schedule(self):
         if self.config.get("rescale_betas_zero_snr"):
             raise ValueError("rescale_betas_zero_snr is not supported: σ = ∞ at the last step has no σ-space image")
+        check_clipping(self.config)
         self.schedule = VPSchedule.from_config(self.config)
         self.betas = self.schedule.betas
         self.alphas = 1.0 - self.betas
@@ -138,13 +140,15 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
     # ---------------------------------------------------------------- decoding model outputs
 
     def predict_x0_and_epsilon(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor):
-        """(x̂0, ε̂) implied by the model output at ``timestep``, x̂0 clipped or thresholded as configured.
-
-        ε̂ is the unclipped model's; callers that want ε̂ consistent with the clipped x̂0 recompute it.
-        """
+        """(x̂0, ε̂) implied by the model output at ``timestep``, x̂0 clipped or thresholded as configured
+        (``clipping.clip_x0``) and then ε̂ = (x_t − ᾱ x̂0)/β̄ re-derived from it (``epsilon_of``), so that the
+        step stays on the line through x_t that both lie on; without clipping, the model's own (x̂0, ε̂)."""
         alpha, beta = self.coefficients_at(int(timestep))
         x0, eps = to_x0_and_epsilon(self.config.prediction_type, model_output, sample, alpha, beta)
-        return self._clip(x0), eps
+        if not clips(self.config):
+            return x0, eps
+        x0 = clip_x0(x0, self.config)
+        return x0, self.epsilon_of(x0, timestep, sample)
 
     def epsilon_of(self, x0: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
         """ε̂ = (x_t − ᾱ x̂0)/β̄: the noise consistent with a (clipped) x̂0 at ``timestep``."""
@@ -164,13 +168,6 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
         return ancestral_step(x0, eps, acp_next.sqrt(), 1 - acp_next, torch.as_tensor(noise_std, dtype=torch.float64),
                               noise, kept_std)
 
-    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.config.thresholding:
-            return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        if self.config.clip_sample:
-            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        return x0
-
     # ---------------------------------------------------------------- training-time helpers (diffusers API)
 
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor):
@@ -187,11 +184,3 @@ class VPScheduler(SchedulerMixin, ConfigMixin):
         alpha, beta = self._coefficients(timesteps, sample)
         return target_from_x0_and_epsilon("v_prediction", sample, noise, alpha, beta)
 
-
-def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
-    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): clamp each sample to its ``ratio``
-    quantile s of |x0| (at least 1, at most ``max_value``), then divide by s."""
-    flat = x0.reshape(x0.shape[0], -1)
-    work = flat.float() if flat.dtype not in (torch.float32, torch.float64) else flat
-    s = torch.quantile(work.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
-    return (work.clamp(-s, s) / s).to(x0.dtype).reshape(x0.shape)

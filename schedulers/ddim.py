@@ -27,6 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 from .analytic import analytic_last_std_cap, analytic_noise
 from .ancestral import eta_noise, jump_noise, kept_noise
 from .base import VPScheduler
+from .clipping import CLIPPING_DEFAULTS
 from .processes import SCHEDULE_DEFAULTS, takes_process_config
 from .registry import register
 
@@ -65,16 +66,12 @@ class DDIMScheduler(VPScheduler):
     """
 
     @register_to_config
-    @takes_process_config(SCHEDULE_DEFAULTS)
+    @takes_process_config({**SCHEDULE_DEFAULTS, **CLIPPING_DEFAULTS})
     def __init__(
         self,
-        clip_sample: bool = True,
+        clip_sample: bool = True,  # diffusers' default; the registry's entries default to off (``KNOBS``)
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
         eta: float = 0.0,
@@ -100,12 +97,19 @@ class DDIMScheduler(VPScheduler):
         timestep: int,
         sample: torch.Tensor,
         eta: float | None = None,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: bool | None = None,
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ):
-        """One DDIM step x_t → x_{t'}; ``use_clipped_model_output`` recomputes ε̂ from the clipped x̂0."""
+        """One DDIM step x_t → x_{t'}.
+
+        With x̂0 clipped or thresholded, ε̂ is always re-derived from the clipped x̂0 (``predict_x0_and_epsilon``):
+        the step is diffusers' with ``use_clipped_model_output=True``. Diffusers' default pairs the clipped x̂0 with
+        the model's ε̂, which leaves the line through x_t that both lie on; classifier-free guidance, whose x̂0 is
+        clipped most, suffers most. The argument is taken for diffusers' ``DDIMPipeline``, which passes it, and
+        changes nothing.
+        """
         eta = self.config.eta if eta is None else eta
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
@@ -113,8 +117,6 @@ class DDIMScheduler(VPScheduler):
             raise ValueError("pass either generator or variance_noise, not both")
         prev_t = self.step_target(timestep)
         x0, eps = self.predict_x0_and_epsilon(model_output, timestep, sample)
-        if use_clipped_model_output:
-            eps = self.epsilon_of(x0, timestep, sample)
         acp, acp_prev = self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t)
         std, kept = ddim_sigma(acp, acp_prev, eta, self.config.sigma_type), None
         if self.config.eps_second_moment is not None and prev_t >= 0:  # Analytic-DPM, no noise onto the data

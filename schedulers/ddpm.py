@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 
 from .ancestral import eta_noise, jump_noise, kept_noise
 from .base import VPScheduler
+from .clipping import CLIPPING_DEFAULTS
 from .processes import SCHEDULE_DEFAULTS, takes_process_config
 from .registry import register
 
@@ -51,15 +52,11 @@ class DDPMScheduler(VPScheduler):
     """
 
     @register_to_config
-    @takes_process_config(SCHEDULE_DEFAULTS)
+    @takes_process_config({**SCHEDULE_DEFAULTS, **CLIPPING_DEFAULTS})
     def __init__(
         self,
         variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small",
-        clip_sample: bool = True,
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
+        clip_sample: bool = True,  # diffusers' default; the registry's entries default to off (``KNOBS``)
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
@@ -79,7 +76,7 @@ class DDPMScheduler(VPScheduler):
         """One ancestral step x_t → x_{t'} (t' the next grid point)."""
         prev_t = self.step_target(timestep)
         x0, _ = self.predict_x0_and_epsilon(model_output, timestep, sample)
-        eps = self.epsilon_of(x0, timestep, sample)  # the posterior mean is in x̂0 and x_t: ε̂ from the clipped x̂0
+        eps = self.epsilon_of(x0, timestep, sample)  # the posterior mean is in x̂0 and x_t, as diffusers': ε̂ from x̂0
         kept, std = ddpm_noise(self.alpha_cumprod_at(int(timestep)), self.alpha_cumprod_at(prev_t),
                                self.config.variance_type)
         prev_sample = self.ancestral_step(x0, eps, prev_t, std, model_output, generator, kept_std=kept)

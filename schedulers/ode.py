@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 from .processes import VPProcess, takes_process_config
 from .processes.flow import flow_time
 from .registry import register
-from .sigma_base import SIGMA_GRID_DEFAULTS, SigmaSpaceScheduler
+from .sigma_base import SIGMA_SPACE_DEFAULTS, SigmaSpaceScheduler
 
 
 def _pairs(sigmas):
@@ -287,7 +287,7 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
     """Fixed-step solvers of the probability-flow ODE for any model that maps to σ-space."""
 
     @register_to_config
-    @takes_process_config({**VPProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
+    @takes_process_config({**VPProcess.config_defaults, **SIGMA_SPACE_DEFAULTS})
     def __init__(
         self,
         solver: str = "heun",
@@ -334,7 +334,7 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
     """
 
     @register_to_config
-    @takes_process_config({**VPProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
+    @takes_process_config({**VPProcess.config_defaults, **SIGMA_SPACE_DEFAULTS})
     def __init__(
         self,
         rtol: float = 1e-3,
@@ -384,7 +384,9 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
 
         def denoise(x, sigma):
             self.nfe_spent += 1
-            return self.process.denoise(model_call, x, sigma)
+            sigma = torch.as_tensor(sigma, dtype=torch.float64)
+            output = model_call(x * self.process.input_scale(sigma).to(x.dtype), self.process.timestep(sigma))
+            return self.denoised(output, x, sigma)
 
         def drift(sigma, flat):
             x = torch.from_numpy(flat).reshape(shape).to(device=x_ve.device, dtype=dtype)

@@ -39,7 +39,7 @@ from .ode import SOLVERS, ProbabilityFlowScheduler
 from .processes import EDMProcess, PFGMppProcess, takes_process_config
 from .processes.edm import check_extra_dims, per_sample, pfgmpp_noise
 from .registry import register
-from .sigma_base import SIGMA_GRID_DEFAULTS
+from .sigma_base import SIGMA_SPACE_DEFAULTS
 
 
 def pfgmpp_log_kernel(distance_sq: torch.Tensor, sigma, N: int, D: int | None) -> torch.Tensor:
@@ -84,7 +84,7 @@ class PFGMppScheduler(ProbabilityFlowScheduler):
     Gaussian noise. ``pfgm_D=None`` is D = ∞: EDM, a Gaussian start. Any σ-space solver of ``ode.py`` works."""
 
     @register_to_config
-    @takes_process_config({**PFGMppProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
+    @takes_process_config({**PFGMppProcess.config_defaults, **SIGMA_SPACE_DEFAULTS})
     def __init__(
         self,
         solver: str = "heun",

@@ -34,35 +34,46 @@ REQUIREMENT_HINTS = {
 MAX_STEPS = 10_000  # num_inference_steps of one request, for every sampler: the pipeline enforces it, the UI reads it
 
 
-def check_range(name: str, value, low: float, high: float, integer: bool = False) -> float | int:
-    """``value`` as a finite number in [low, high] (an int when ``integer``); ValueError naming ``name`` else."""
+def check_range(name: str, value, low: float, high: float, integer: bool = False,
+                exclusive: bool = False) -> float | int:
+    """``value`` as a finite number in [low, high], or (low, high) when ``exclusive`` (an int when ``integer``);
+    ValueError naming ``name`` else."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     if integer and value != int(value):
         raise ValueError(f"{name} must be a whole number, got {value}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+    if not (low < value < high if exclusive else low <= value <= high):
+        interval = f"({low:g}, {high:g})" if exclusive else f"[{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be in {interval}, got {value:g}")
     return int(value) if integer else float(value)
 
 
 @dataclass(frozen=True)
 class Knob:
     """A setting a request may change: its range, its default, and where it goes — ``"config"``: a constructor
-    override of the scheduler; ``"step"``: an argument of every ``step`` call (DDIM's η, Song et al. 2021 eq. 16)."""
+    override of the scheduler; ``"step"``: an argument of every ``step`` call (DDIM's η, Song et al. 2021 eq. 16).
+
+    A ``boolean`` knob is a switch (range [0, 1], value True or False); an ``exclusive`` one excludes its ends."""
 
     name: str
     low: float
     high: float
-    default: float
+    default: float | bool
     target: Literal["config", "step"]
     integer: bool = False
     label: str = ""
+    boolean: bool = False
+    exclusive: bool = False
 
-    def check(self, value, name: str | None = None) -> float | int:
+    def check(self, value, name: str | None = None) -> float | int | bool:
         """``value`` if it is in range; the ValueError names ``name`` (default: the knob's own name)."""
-        return check_range(name or self.name, value, self.low, self.high, self.integer)
+        if self.boolean:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name or self.name} must be True or False, got {value!r}")
+            return value
+        return check_range(name or self.name, value, self.low, self.high, self.integer, self.exclusive)
 
 
 # Every knob a sampler can declare, with its one range. An entry names its knobs and their defaults.
@@ -72,7 +83,19 @@ KNOBS = {knob.name: knob for knob in (
     Knob("corrector_steps", 0, 10, 1, "config", integer=True, label="Langevin corrector steps per step"),
     Knob("rtol", 1e-6, 1e-1, 1e-3, "config", label="relative tolerance of the adaptive solver"),
     Knob("atol", 1e-6, 1e-1, 1e-3, "config", label="absolute tolerance of the adaptive solver"),
+    # x̂0 clipping and Imagen's dynamic thresholding (Saharia et al. 2022, §2.3; ``clipping.py``), diffusers' keys
+    Knob("clip_sample", 0, 1, False, "config", boolean=True, label="clip x̂0 to ±clip_sample_range"),
+    Knob("clip_sample_range", 0.0, math.inf, 1.0, "config", exclusive=True, label="x̂0 clipping range"),
+    Knob("thresholding", 0, 1, False, "config", boolean=True,
+         label="dynamic thresholding of x̂0 (Imagen; takes precedence over clip_sample)"),
+    Knob("dynamic_thresholding_ratio", 0.0, 1.0, 0.995, "config", exclusive=True,
+         label="dynamic thresholding: the quantile of |x̂0| per sample"),
+    Knob("sample_max_value", 1.0, math.inf, 1.0, "config",
+         label="dynamic thresholding: the largest threshold s (1: a static clip to ±1)"),
 )}
+# The x̂0 clipping knobs: ``register`` declares them on every entry (default: off), as every sampler clips x̂0 or D.
+CLIPPING_KNOBS = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+                  "sample_max_value")
 # The knobs that say how much fresh noise a sampler draws (0: deterministic); a sampler has at most one.
 NOISE_KNOBS = ("eta", "noise_level")
 
@@ -215,12 +238,15 @@ def step_knobs(scheduler) -> dict[str, Knob]:
 
 def register(name: str, knobs: dict[str, float] | None = None, **metadata):
     """Class decorator adding a registry entry ``name`` for the decorated scheduler class; ``knobs`` maps the
-    names of its ``KNOBS`` to this entry's defaults."""
+    names of its ``KNOBS`` to this entry's defaults. Every entry also declares the ``CLIPPING_KNOBS`` (at their
+    ``KNOBS`` defaults unless ``knobs`` names them)."""
 
     def decorate(cls):
         if name in SAMPLERS:
             raise ValueError(f"sampler {name!r} is registered twice")
-        declared = tuple(dataclasses.replace(KNOBS[knob], default=default) for knob, default in (knobs or {}).items())
+        defaults = dict(knobs or {})
+        defaults.update({knob: KNOBS[knob].default for knob in CLIPPING_KNOBS if knob not in defaults})
+        declared = tuple(dataclasses.replace(KNOBS[knob], default=default) for knob, default in defaults.items())
         # Without ``processes``, the class says which forward processes' models it drives (default: VP).
         entry = {"processes": getattr(cls, "supported_processes", ("vp",)), **metadata}
         spec = SamplerSpec(name=name, scheduler_class=cls, knobs=declared, **entry)

@@ -23,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (
 
 from .processes import VPProcess, takes_process_config
 from .registry import register
-from .sigma_base import SIGMA_GRID_DEFAULTS, SigmaSpaceScheduler
+from .sigma_base import SIGMA_SPACE_DEFAULTS, SigmaSpaceScheduler
 
 
 def _per_sample_norm(x):
@@ -73,7 +73,7 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
     supported_processes = ("vp", "flow")
 
     @register_to_config
-    @takes_process_config({**VPProcess.config_defaults, **SIGMA_GRID_DEFAULTS})
+    @takes_process_config({**VPProcess.config_defaults, **SIGMA_SPACE_DEFAULTS})
     def __init__(
         self,
         noise_level: float = 1.0,

@@ -26,6 +26,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as Schedule
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from .clipping import CLIPPING_DEFAULTS, check_clipping, clip_x0
 from .process import VPSchedule
 from .processes import GAUSSIAN_SIGMA_PROCESSES, sigma_process
 from .sigmas import make_sigmas
@@ -35,6 +36,8 @@ FINAL_SIGMAS = ("zero", "sigma_min")
 # another default declares the key itself (the SDEs' grid is uniform in t, rk45's geometric).
 SIGMA_GRID_DEFAULTS = {"sigma_schedule": "karras", "rho": 7.0, "sigma_min": None, "sigma_max": None,
                        "final_sigma": "zero"}
+# Every σ-space scheduler's own config keys: its grid, and the clipping of D (``clipping.py``, diffusers' keys).
+SIGMA_SPACE_DEFAULTS = {**SIGMA_GRID_DEFAULTS, **CLIPPING_DEFAULTS}
 
 
 class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
@@ -60,6 +63,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         self.betas = self.schedule.betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self.schedule.alphas_cumprod
+        check_clipping(self.config)
         self.process = sigma_process(self.config)
         self._generator = None
         self.order = self._evaluations_per_step()
@@ -264,12 +268,18 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=self._generator, device=like.device, dtype=like.dtype)
 
+    def denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
+        """D(x; σ) from the network's output at the state ``sample``, clipped or thresholded as configured
+        (``clipping.clip_x0``): the one place every σ-space solver gets its D. A solver reads only D and forms
+        ε̂ = (x − D)/σ from it, so its ε̂ is the clipped D's."""
+        return clip_x0(self.process.denoised(model_output, sample, sigma), self.config)
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """Feed the denoiser's answer at ``timestep``'s evaluation point to the solver; get its next point. A
         timestep other than the current run's next one starts a fresh run there from ``sample``."""
         index = self._index_of_step(timestep)
-        denoised = self.process.denoised(model_output, sample, self.evaluation_sigmas[index])
+        denoised = self.denoised(model_output, sample, self.evaluation_sigmas[index])
         self._generator = generator
         if self._run is None or self._run_index != index:
             start = self._start_grid_index(index)

@@ -13,6 +13,9 @@ predicts x̂0 = G(x_t, t); ``UDMScheduler`` walks t_0 = T > t_1 > … > 0 with o
 
 With a constant s_t (blur, mask) the improved and invertible rules agree except on the last step, where the
 invertible one lands on x̂0 and the improved one keeps x_1's noise.
+
+x̂0 is clipped or thresholded first when configured (``clipping.py``); every rule, the invertible one's
+ε̂ = F_t^{-1}(x̂0, x_t) included, then reads the clipped x̂0.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as Schedule
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from .clipping import CLIPPING_DEFAULTS, check_clipping, clip_x0
 from .processes import UDMProcess, takes_process_config
 from .processes.udm import model_timestep, udm_step
 from .registry import register
@@ -59,7 +63,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    @takes_process_config(UDMProcess.config_defaults)
+    @takes_process_config({**UDMProcess.config_defaults, **CLIPPING_DEFAULTS})
     def __init__(self, udm_rule: str = "improved", eta: float = 0.0):
         if udm_rule not in RULES:
             raise ValueError(f"unknown udm_rule {udm_rule!r}; choose one of {RULES}")
@@ -67,6 +71,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if self.config.prediction_type != "sample":
             raise ValueError(f"UDM models predict x0 (prediction_type 'sample'), got {self.config.prediction_type!r}")
+        check_clipping(self.config)
         self.operator = UDMProcess.from_config(self.config).operator
         self.init_noise_sigma = 1.0  # the pipeline starts from ``sample_prior``, already at the operator's scale
         self.set_timesteps(self.config.num_train_timesteps)  # a grid from construction on, as diffusers' schedulers
@@ -114,10 +119,10 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        """One move t → s of ``udm_rule`` from the model's x̂0 (``model_output``)."""
+        """One move t → s of ``udm_rule`` from the model's x̂0 (``model_output``), clipped as configured."""
         index = self.index_for_timestep(timestep)
         t, s = int(self.steps[index]), int(self.steps[index + 1])
-        x0 = model_output.to(sample.dtype)
+        x0 = clip_x0(model_output.to(sample.dtype), self.config)
         op, rule = self.operator, self.config.udm_rule
         if rule == "naive":
             prev = op.forward(x0, self._fresh(sample, generator), s)

@@ -5,7 +5,9 @@ in float64) agree to the last bit over 1000 steps — every prediction type, spa
 thresholding, with the exact model and with a real UNet. (2) Rounding: stock diffusers computes the step
 coefficients in float32 — the jump's β_t = 1 − ᾱ²_t/ᾱ²_{t−1} loses three digits at small t — while we use
 float64; in float32 DDIM agrees to 1e-5 over a full run, and the larger DDPM gap is diffusers' rounding,
-shown against a float64 reference that draws the same noise. (3) Chaos: an untrained UNet makes
+shown against a float64 reference that draws the same noise. With x̂0 clipped, our DDIM always re-derives ε̂ from
+the clipped x̂0 (``schedulers/clipping.py``), so it is compared with diffusers' ``use_clipped_model_output=True``;
+diffusers' default keeps the model's ε̂ and differs on purpose. (3) Chaos: an untrained UNet makes
 deterministic sampling chaotic (a 1e-7 change of x_T moves the 1000-step DDIM result by ~2), so float32
 comparisons use the exact model, whose dynamics are tame.
 """
@@ -98,7 +100,8 @@ def test_ddim_formulas_equal_diffusers(mixture, eta, config, steps):
         return
     model = exact_model_for(mixture, schedulers.DDIMScheduler(**config))
     ours = run(schedulers.DDIMScheduler(**config), model, steps, eta=eta)
-    theirs = run(with_float64_table(diffusers.DDIMScheduler(**config)), model, steps, eta=eta)
+    theirs = run(with_float64_table(diffusers.DDIMScheduler(**config)), model, steps, eta=eta,
+                 use_clipped_model_output=True)
     assert (ours - theirs).abs().max() <= FORMULA_TOLERANCE
 
 
@@ -111,13 +114,21 @@ def test_ddpm_formulas_equal_diffusers_with_a_unet(random_unet, config):
         assert (ours - theirs).abs().max() <= FORMULA_TOLERANCE
 
 
-@pytest.mark.parametrize("eta, use_clipped", [(0.0, False), (1.0, False), (0.7, True)])
-def test_ddim_formulas_equal_diffusers_with_a_unet(random_unet, eta, use_clipped):
+@pytest.mark.parametrize("eta", [0.0, 1.0, 0.7])
+def test_ddim_formulas_equal_diffusers_with_a_unet(random_unet, eta):
     for steps in [1000, 50]:
-        kwargs = dict(eta=eta, use_clipped_model_output=use_clipped)
-        ours = run(schedulers.DDIMScheduler(), random_unet, steps, (4, 1, 8, 8), **kwargs)
-        theirs = run(with_float64_table(diffusers.DDIMScheduler()), random_unet, steps, (4, 1, 8, 8), **kwargs)
+        ours = run(schedulers.DDIMScheduler(), random_unet, steps, (4, 1, 8, 8), eta=eta)
+        theirs = run(with_float64_table(diffusers.DDIMScheduler()), random_unet, steps, (4, 1, 8, 8), eta=eta,
+                     use_clipped_model_output=True)
         assert (ours - theirs).abs().max() <= FORMULA_TOLERANCE
+
+
+def test_clipped_ddim_differs_from_diffusers_default_on_purpose(random_unet):
+    """Diffusers' default steps with the clipped x̂0 and the model's ε̂; ours never does, whatever it is passed."""
+    theirs = run(with_float64_table(diffusers.DDIMScheduler()), random_unet, 50, (4, 1, 8, 8))
+    for use_clipped in (None, False, True):
+        ours = run(schedulers.DDIMScheduler(), random_unet, 50, (4, 1, 8, 8), use_clipped_model_output=use_clipped)
+        assert (ours - theirs).abs().max() > 1e-3
 
 
 STOCK_TOLERANCE = 1e-5  # float32, stock diffusers, a full run; measured ≤ 6e-6
@@ -128,7 +139,8 @@ def test_ddim_matches_stock_float32_diffusers(mixture, eta):
     model = ExactScoreModel.from_mixture(mixture)
     for steps in [1000, 50]:
         ours = run(schedulers.DDIMScheduler(), model, steps, dtype=torch.float32, eta=eta)
-        theirs = run(diffusers.DDIMScheduler(), model, steps, dtype=torch.float32, eta=eta)
+        theirs = run(diffusers.DDIMScheduler(), model, steps, dtype=torch.float32, eta=eta,
+                     use_clipped_model_output=True)
         assert (ours - theirs).abs().max() <= STOCK_TOLERANCE
 
 

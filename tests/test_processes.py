@@ -40,7 +40,7 @@ def test_the_inherited_config_keys_are_the_ones_shipped_models_carry():
     assert TRAINING_KEYS == CONFIG_KEYS
     assert set(CONFIG_KEYS) == {
         "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-        "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "model_process", "pfgm_D",
+        "timestep_spacing", "steps_offset", "model_process", "pfgm_D",
         "udm_operator", "udm_noise", "udm_prior_mean", "udm_prior_std"}
 
 

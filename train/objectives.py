@@ -284,8 +284,9 @@ class VPObjective(Objective):
             "beta_start": self.beta_start,
             "beta_end": self.beta_end,
             "prediction_type": self.prediction_type,
-            # No x̂0 clipping: classifier-free guidance pushes x̂0 past [-1, 1], and DDIM with a clipped x̂0 but
-            # the unclipped ε̂ then loses the class (mnist-vp at w = 3: judge accuracy 53% clipped, 90% not).
+            # No x̂0 clipping, as the registry's samplers default to. Classifier-free guidance pushes x̂0 past
+            # [-1, 1]; DDIM once paired the clipped x̂0 with the unclipped ε̂ and lost the class (mnist-vp at w = 3:
+            # judge accuracy 53% clipped, 90% not). It now re-derives ε̂ (schedulers/clipping.py), not yet measured.
             "clip_sample": False,
         }
 

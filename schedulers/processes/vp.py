@@ -12,7 +12,8 @@ from ..process import VPSchedule, expand_to, target_from_x0_and_epsilon
 from .base import SCHEDULE_DEFAULTS, SigmaProcess, TrainingExample
 
 # Keys of the sampling grid the model's own discrete scheduler was shipped with; DDPM/DDIM samplers inherit them.
-DISCRETE_GRID_KEYS = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range")
+# (x̂0 clipping is not inherited: it is every sampler's own knob, ``registry.CLIPPING_KNOBS``, off by default.)
+DISCRETE_GRID_KEYS = ("timestep_spacing", "steps_offset")
 
 
 def min_snr_weight(alpha: torch.Tensor, beta: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
