@@ -87,6 +87,11 @@ for order in (2, 3):
         DIFFUSERS.append((f"diffusers-dpmpp-{order}m/exponential-{final}", diffusers.DPMSolverMultistepScheduler,
                           {"solver_order": order, "use_exponential_sigmas": True, "final_sigmas_type": final}, True))
 DIFFUSERS.append(("diffusers-pndm", diffusers.PNDMScheduler, {"skip_prk_steps": True}, True))
+# The stochastic anchors of the SDE family (issue #17): diffusers' Euler ancestral and DPM-Solver++ 2M SDE.
+DIFFUSERS.append(("diffusers-euler-ancestral/default", diffusers.EulerAncestralDiscreteScheduler, {}, False))
+for spacing, extra in SPACINGS.items():
+    DIFFUSERS.append((f"diffusers-dpmpp-2m-sde/{spacing}", diffusers.DPMSolverMultistepScheduler,
+                      {"algorithm_type": "sde-dpmsolver++", **extra}, False))
 
 
 def benchmark_mixture(seed: int = BENCHMARK_SEED) -> GaussianMixture:

@@ -253,7 +253,16 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         spec.check_fits(self.config.model_info.get("process", "vp"), config)
         overrides, step = spec.settings(knobs)
         self.scheduler = spec.create(config, **overrides)
+        self._fewest_steps = (self.scheduler, spec.name, spec.min_steps(config) or 1)
         return step
+
+    def _min_steps(self) -> tuple[int, str]:
+        """(the fewest steps, why): the registry entry's ``min_steps`` while the scheduler ``set_sampler`` built is
+        in place, else 1."""
+        scheduler, name, steps = getattr(self, "_fewest_steps", (None, "", 1))
+        if scheduler is not self.scheduler or steps == 1:
+            return 1, ""
+        return steps, f" ({name} needs at least {get_sampler(name).min_nfe} evaluations)"
 
     def _step_kwargs(self, eta: float | None, generator) -> dict[str, Any]:
         """``step``'s keyword arguments: ``eta`` checked against the scheduler's declared step knobs, and the
@@ -392,7 +401,12 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        num_inference_steps = check_range("num_inference_steps", num_inference_steps, 1, MAX_STEPS, integer=True)
+        fewest, why = self._min_steps()
+        try:
+            num_inference_steps = check_range("num_inference_steps", num_inference_steps, fewest, MAX_STEPS,
+                                              integer=True)
+        except ValueError as error:
+            raise ValueError(f"{error}{why}") from None
         guidance_scale = check_range("guidance_scale", guidance_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
         step_kwargs = self._step_kwargs(eta, generator)
         if output_type not in OUTPUT_TYPES:

@@ -52,6 +52,12 @@ def eta_noise(acp: torch.Tensor, acp_next: torch.Tensor, eta: float) -> torch.Te
     return eta * ((1 - acp_next) / (1 - acp) * (1 - acp / acp_next)).sqrt()
 
 
+def sigma_eta_noise(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+    """σ_up = min(σ', η σ' sqrt(σ² − σ'²)/σ) of a σ-space step (k-diffusion's ``get_ancestral_step``): the η family
+    above written on σ, for solvers that walk a σ grid rather than a discrete schedule."""
+    return torch.minimum(sigma_next, eta * sigma_next * (sigma**2 - sigma_next**2).clamp(min=0).sqrt() / sigma)
+
+
 def jump_noise(acp: torch.Tensor, acp_next: torch.Tensor) -> torch.Tensor:
     """β_t = sqrt(1 − ᾱ²/ᾱ'²), the per-step noise of the VP jump from ᾱ² to ᾱ'²."""
     return (1 - acp / acp_next).sqrt()

@@ -39,7 +39,7 @@ def ddpm_noise(acp: torch.Tensor, acp_prev: torch.Tensor, variance_type: str):
     return kept_noise(1 - acp_prev, small), large
 
 
-@register("ddpm-large", family="ancestral", stochastic=True, defaults={"variance_type": "fixed_large"},
+@register("ddpm-large", family="ancestral", stochastic=True, defaults={"variance_type": "fixed_large"}, min_nfe=8,
           description="DDPM ancestral sampler, variance β_t (Ho et al. 2020)")
 @register("ddpm", family="ancestral", stochastic=True,
           description="DDPM ancestral sampler, posterior variance β̃ (Ho et al. 2020)")

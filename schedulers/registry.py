@@ -113,6 +113,9 @@ class SamplerSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     knobs: tuple[Knob, ...] = ()  # what a request may set, with this entry's defaults
     requires: tuple[str, ...] = ()  # config values only the model can supply (e.g. Analytic-DPM's table)
+    # The fewest network evaluations it is offered at: below them it cannot place the modes of the exact-score
+    # benchmark mixture (sliced-W2 gap > 0.3; docs/samplers.md). The pipeline refuses shorter runs of the entry.
+    min_nfe: int = 1
     description: str = ""
     # Checks of diffusers' common scheduler tests (tests/test_scheduler_common.py, by test name without "test_")
     # where this sampler differs from diffusers on purpose, each with why; docs/architecture.md lists them.
@@ -204,8 +207,22 @@ class SamplerSpec:
         return traced_nfe(self.create(model_scheduler_config), num_inference_steps)
 
     def steps_within(self, nfe_budget: int, model_scheduler_config: dict | None = None) -> tuple[int, int]:
-        """(steps, NFE): the most steps whose run costs at most ``nfe_budget`` evaluations, and that cost."""
+        """(steps, NFE): the most steps whose run costs at most ``nfe_budget`` evaluations, and that cost; a
+        ValueError for a budget below ``min_nfe``."""
+        if nfe_budget < self.min_nfe:
+            raise ValueError(f"sampler {self.name!r} needs at least {self.min_nfe} evaluations, not {nfe_budget}")
         return steps_within(self.create(model_scheduler_config), nfe_budget)
+
+    def min_steps(self, model_scheduler_config: dict | None = None) -> int | None:
+        """The fewest ``num_inference_steps`` whose run costs at least ``min_nfe`` evaluations (None: adaptive)."""
+        if self.adaptive:
+            return None
+        if self.min_nfe <= 1:
+            return 1
+        scheduler, steps = self.create(model_scheduler_config), 1
+        while traced_nfe(scheduler, steps) < self.min_nfe:
+            steps += 1
+        return steps
 
 
 def traced_nfe(scheduler, num_inference_steps: int) -> int:

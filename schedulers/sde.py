@@ -18,20 +18,37 @@ Alg. 5) follows each predictor step with ``corrector_steps`` moves x ← x + δ 
 
 from __future__ import annotations
 
+import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (from_pretrained looks it up here)
 
-from .processes import VPProcess, takes_process_config
+from .ancestral import ancestral_step, sigma_eta_noise
+from .processes import GAUSSIAN_SIGMA_PROCESSES, VPProcess, takes_process_config
 from .registry import register
 from .sigma_base import SIGMA_SPACE_DEFAULTS, SigmaSpaceScheduler
+
+
+SDE_SOLVERS = ("euler-maruyama", "ancestral", "dpmpp-2m-sde")
 
 
 def _per_sample_norm(x):
     return x.flatten(1).norm(dim=1).reshape(-1, *[1] * (x.ndim - 1))
 
 
+def _langevin(x, sigma, noise, steps: int, snr: float):
+    """``steps`` Langevin moves x ← x + δ ∇log p_σ + sqrt(2δ) z at σ (Song et al. 2021, Alg. 5), one evaluation each."""
+    for _ in range(steps):
+        denoised = yield sigma, x
+        score = (denoised - x) / sigma**2
+        z = noise(x)
+        delta = 2 * (snr * _per_sample_norm(z) / _per_sample_norm(score).clamp(min=1e-12)) ** 2
+        x = x + delta * score + (2 * delta).sqrt() * z
+    return x
+
+
 def noise_level_family(noise_level: float, corrector_steps: int = 0, snr: float = 0.16):
-    """Euler–Maruyama on the reverse process with ν = λ g, plus optional Langevin correction."""
+    """Euler–Maruyama on the reverse process with ν = λ g, plus optional Langevin correction: the reference
+    discretization, literal in σ, whose O(h) error needs many steps on thin data (docs/samplers.md)."""
 
     def solve(x, sigmas, noise):
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -43,33 +60,105 @@ def noise_level_family(noise_level: float, corrector_steps: int = 0, snr: float 
             x = x + (1 + noise_level**2) * (h / sigma) * (denoised - x)
             if noise_level > 0:
                 x = x + noise_level * (2 * sigma * h).sqrt() * noise(x)
-            for _ in range(corrector_steps):
-                denoised = yield sigma_next, x
-                score = (denoised - x) / sigma_next**2
-                z = noise(x)
-                delta = 2 * (snr * _per_sample_norm(z) / _per_sample_norm(score).clamp(min=1e-12)) ** 2
-                x = x + delta * score + (2 * delta).sqrt() * z
+            x = yield from _langevin(x, sigma_next, noise, corrector_steps, snr)
         return x
 
     return solve
 
 
+def ancestral_family(noise_level: float, corrector_steps: int = 0, snr: float = 0.16):
+    """Su's noise-level family as ancestral steps (k-diffusion's ``sample_euler_ancestral`` with η = λ).
+
+    Each step holds D fixed and solves the linear part exactly: x' = D + σ_down ε̂ + σ_up z with ε̂ = (x − D)/σ,
+    σ_up = min(σ', λ σ' sqrt(σ² − σ'²)/σ) and σ_down² = σ'² − σ_up² (``ancestral.sigma_eta_noise``, the step of
+    ``ancestral.ancestral_step``). For h = σ − σ' → 0 it is the Euler–Maruyama step above to first order:
+    σ_up² → λ² 2σh and 1 − σ_down/σ → (1 + λ²) h/σ. λ = 0 is Euler on the ODE (DDIM), λ = 1 the reverse SDE's
+    ancestral sampler (DDPM's posterior step, Ho et al. 2020). Unlike Euler–Maruyama it never overshoots: the new
+    state is D plus noise of exactly σ'², however large the step.
+    """
+
+    def solve(x, sigmas, noise):
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            denoised = yield sigma, x
+            if sigma_next == 0:
+                x = denoised
+                continue
+            sigma_up = sigma_eta_noise(sigma, sigma_next, noise_level)
+            x = ancestral_step(denoised, (x - denoised) / sigma, sigma.new_ones(()), sigma_next**2, sigma_up,
+                               noise(x) if noise_level > 0 else None)
+            x = yield from _langevin(x, sigma_next, noise, corrector_steps, snr)
+        return x
+
+    return solve
+
+
+def dpmpp_2m_sde(noise_level: float, corrector_steps: int = 0, snr: float = 0.16):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b, §4 and App. B; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint type).
+
+    The reverse SDE's exact solution for a D held fixed over a step of h = log(σ/σ') is, with η the noise,
+
+        x' = (σ'/σ) e^{−ηh} x + (1 − e^{−(1+η)h}) D + σ' sqrt(1 − e^{−2ηh}) z,
+
+    an ancestral step with σ_down = σ' e^{−ηh}, σ_up = σ' sqrt(1 − e^{−2ηh}) (η = 1: the same σ_up as Euler
+    ancestral, DDPM's). The second-order term extrapolates D linearly in λ = −log σ from the previous step,
+    + ½ (1 − e^{−(1+η)h}) (D − D₋₁) h/h₋₁ (the midpoint variant); the first step and a run started mid-grid have no
+    history and take the first-order step. Su's λ maps to η = λ² (the same first-order limit as
+    ``ancestral_family``'s), so λ = 0 is diffusers' DPM-Solver++(2M) ODE and λ = 1 k-diffusion's η = 1.
+    """
+    eta = noise_level**2
+
+    def solve(x, sigmas, noise):
+        previous = None  # (D₋₁, h₋₁)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            denoised = yield sigma, x
+            if sigma_next == 0:
+                x = denoised
+                continue
+            h = torch.log(sigma / sigma_next)
+            sigma_up = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
+            x = ancestral_step(denoised, (x - denoised) / sigma, sigma.new_ones(()), sigma_next**2, sigma_up,
+                               noise(x) if eta > 0 else None)
+            if previous is not None:
+                d1, h1 = previous
+                x = x - 0.5 * torch.expm1(-(1 + eta) * h) * (h / h1) * (denoised - d1)
+            previous = (denoised, h)
+            x = yield from _langevin(x, sigma_next, noise, corrector_steps, snr)
+        return x
+
+    return solve
+
+
+FAMILIES = dict(zip(SDE_SOLVERS, (noise_level_family, ancestral_family, dpmpp_2m_sde)))
+
+
+# The exponential / ancestral discretizations: Karras grids (ρ = 7, k-diffusion's and diffusers' "Karras" variants).
+@register("dpmpp-2m-sde", family="sde", stochastic=True, knobs={"noise_level": 1.0},
+          processes=GAUSSIAN_SIGMA_PROCESSES, defaults={"solver": "dpmpp-2m-sde", "sigma_schedule": "karras"},
+          description="DPM-Solver++(2M) SDE, midpoint, η = 1, Karras steps (Lu et al. 2022; k-diffusion)")
+@register("euler-ancestral", family="sde", stochastic=True, knobs={"noise_level": 1.0},
+          processes=GAUSSIAN_SIGMA_PROCESSES, defaults={"solver": "ancestral", "sigma_schedule": "karras"},
+          description="Euler ancestral (k-diffusion's sample_euler_ancestral, η = 1), Karras steps")
 @register("noise-level", family="sde", stochastic=True, knobs={"noise_level": 0.5},
-          description="Su's noise-level family between the ODE (λ = 0) and the reverse SDE (λ = 1); λ = 0.5")
-@register("sde-pc", family="sde", stochastic=True, knobs={"noise_level": 1.0,
-          "corrector_steps": 1}, description="predictor–corrector: Euler–Maruyama + 1 Langevin step (r = 0.16)")
-@register("sde-ve", family="sde", stochastic=True, knobs={"noise_level": 1.0},
+          processes=GAUSSIAN_SIGMA_PROCESSES, defaults={"solver": "ancestral", "sigma_schedule": "karras"},
+          description="Su's noise-level family between the ODE (λ = 0) and the reverse SDE (λ = 1) as ancestral "
+                      "steps (η = λ); λ = 0.5, Karras steps")
+# Euler–Maruyama, the reference discretization: literal in σ, it needs many steps (min_nfe: docs/samplers.md).
+@register("sde-pc", family="sde", stochastic=True, knobs={"noise_level": 1.0, "corrector_steps": 1}, min_nfe=40,
+          description="predictor–corrector: Euler–Maruyama (the reference discretization) + 1 Langevin step "
+                      "(r = 0.16)")
+@register("sde-ve", family="sde", stochastic=True, knobs={"noise_level": 1.0}, min_nfe=16,
           defaults={"sigma_schedule": "log_snr"},
-          description="reverse VE-SDE, Euler–Maruyama, geometric σ")
-@register("sde-subvp", family="sde", stochastic=True, knobs={"noise_level": 1.0},
+          description="reverse VE-SDE, Euler–Maruyama (the reference discretization), geometric σ")
+@register("sde-subvp", family="sde", stochastic=True, knobs={"noise_level": 1.0}, min_nfe=16,
           defaults={"sigma_schedule": "subvp"},
-          description="reverse sub-VP SDE, Euler–Maruyama, uniform in t")
-@register("sde-euler-maruyama", family="sde", stochastic=True, knobs={"noise_level": 1.0},
-          description="reverse VP-SDE, Euler–Maruyama, uniform in t (Song et al. 2021)")
+          description="reverse sub-VP SDE, Euler–Maruyama (the reference discretization), uniform in t")
+@register("sde-euler-maruyama", family="sde", stochastic=True, knobs={"noise_level": 1.0}, min_nfe=20,
+          description="reverse VP-SDE, Euler–Maruyama, uniform in t: the reference discretization (Song et al. 2021)")
 class ReverseSDEScheduler(SigmaSpaceScheduler):
     """The noise-level family of reverse processes, with an optional Langevin corrector."""
 
-    # Not edm/pfgmpp: its fresh noise is Gaussian, the wrong kernel for PFGM++, and its default grids are VP times.
+    # Not pfgmpp: its fresh noise is Gaussian, the wrong kernel for PFGM++. Not edm by default: the default grid is
+    # VP times; the entries on Karras grids drive edm models too.
     supported_processes = ("vp", "flow")
 
     @register_to_config
@@ -77,16 +166,19 @@ class ReverseSDEScheduler(SigmaSpaceScheduler):
     def __init__(
         self,
         noise_level: float = 1.0,
+        solver: str = "euler-maruyama",
         corrector_steps: int = 0,
         snr: float = 0.16,
         sigma_schedule: str = "uniform_t",
     ):
         if not 0.0 <= noise_level <= 1.0:
             raise ValueError(f"noise_level must be in [0, 1] (0: the ODE, 1: the reverse SDE), got {noise_level}")
+        if solver not in SDE_SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {SDE_SOLVERS}")
         if corrector_steps < 0 or snr <= 0:
             raise ValueError("corrector_steps must be ≥ 0 and snr > 0")
         self._init_sigma_space()
 
     def solver(self, x, sigmas, noise, start=0):
-        return noise_level_family(self.config.noise_level, self.config.corrector_steps, self.config.snr)(
-            x, sigmas, noise)
+        family = FAMILIES[self.config.solver]
+        return family(self.config.noise_level, self.config.corrector_steps, self.config.snr)(x, sigmas, noise)

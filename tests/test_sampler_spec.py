@@ -41,9 +41,10 @@ def test_traced_nfe_is_the_number_of_model_calls(mixture, name):
     """``spec.nfe(n)`` equals what a run really costs, for every sampler; the adaptive one reports it after."""
     pipe = spec_pipeline(mixture, name)
     calls = counted_calls(pipe)
-    out = pipe(batch_size=1, num_inference_steps=STEPS, generator=seeded(0), output_type="raw")
     spec = schedulers.get_sampler(name)
-    expected = spec.nfe(STEPS, SUPPLIED)
+    steps = max(STEPS, spec.min_steps(SUPPLIED) or STEPS)  # an entry with a min_nfe is refused fewer steps
+    out = pipe(batch_size=1, num_inference_steps=steps, generator=seeded(0), output_type="raw")
+    expected = spec.nfe(steps, SUPPLIED)
     if spec.adaptive:
         assert expected is None
         expected = pipe.scheduler.nfe_spent
@@ -55,6 +56,19 @@ def test_nfe_counts_the_extra_first_and_last_evaluations():
     assert schedulers.get_sampler("heun").nfe(10) == 19  # the last step into σ = 0 is an Euler step
     assert schedulers.get_sampler("ddim").nfe(10) == 10
     assert schedulers.get_sampler("sde-pc").nfe(10) == 2 * 10 - 1  # one corrector move per step but the last
+
+
+def test_min_nfe_refuses_shorter_runs(mixture):
+    """An entry's ``min_nfe`` (Euler–Maruyama's, say) is the fewest evaluations the pipeline runs it at."""
+    spec = schedulers.get_sampler("sde-euler-maruyama")
+    assert spec.min_nfe == 20 and spec.min_steps() == 20 and schedulers.get_sampler("sde-pc").min_steps() == 21
+    with pytest.raises(ValueError, match="needs at least 20 evaluations"):
+        spec.steps_within(10)
+    pipe = spec_pipeline(mixture, "sde-euler-maruyama")
+    with pytest.raises(ValueError, match=r"in \[20, .*sde-euler-maruyama needs at least 20 evaluations"):
+        pipe(batch_size=1, num_inference_steps=10)
+    pipe.scheduler = spec.create()  # a scheduler set by hand: the caller's choice, not the entry's floor
+    assert pipe(batch_size=1, num_inference_steps=10, output_type="raw").nfe == 10
 
 
 def test_steps_within_a_budget_is_the_longest_run_that_fits():
