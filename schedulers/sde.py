@@ -27,7 +27,6 @@ from .processes import GAUSSIAN_SIGMA_PROCESSES, VPProcess, takes_process_config
 from .registry import register
 from .sigma_base import SIGMA_SPACE_DEFAULTS, SigmaSpaceScheduler
 
-
 SDE_SOLVERS = ("euler-maruyama", "ancestral", "dpmpp-2m-sde")
 
 
