@@ -31,7 +31,8 @@ def x0_estimates(mixture, name, knobs) -> list[torch.Tensor]:
     """Every step's x̂0 of a short run of ``name`` (the adaptive solver's: its final sample, D at σ_min)."""
     pipe, step = spec_pipeline(mixture, name, knobs)
     seen = []
-    out = pipe(batch_size=4, num_inference_steps=STEPS, generator=seeded(0), output_type="raw", **step,
+    steps = max(STEPS, schedulers.get_sampler(name).min_steps() or 0)  # the literal Euler–Maruyama entries need more
+    out = pipe(batch_size=4, num_inference_steps=steps, generator=seeded(0), output_type="raw", **step,
                callback_on_step_end=lambda p, i, t, kw: seen.append(kw["pred_original_sample"]))
     return seen or [out.images]
 
@@ -172,7 +173,8 @@ def test_clipping_with_classifier_free_guidance(class_mixture, name):
         pipe.register_to_config(model_info={"process": "vp"})
         step = pipe.set_sampler(name, knobs)
         seen = []
-        out = pipe(batch_size=6, num_inference_steps=10, class_labels=[0, 1, 2, 0, 1, 2], guidance_scale=3.0,
+        steps = max(10, schedulers.get_sampler(name).min_steps() or 0)
+        out = pipe(batch_size=6, num_inference_steps=steps, class_labels=[0, 1, 2, 0, 1, 2], guidance_scale=3.0,
                    generator=seeded(5), output_type="raw", **step,
                    callback_on_step_end=lambda p, i, t, kw: seen.append(kw["pred_original_sample"]))
         return out.images, torch.stack(seen)
