@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from schedulers.processes.vp import min_snr_weight
 from train.diffusion import build_parser, check_args, with_recipe
 from train.objectives import make_objective
 from train.recipes import RECIPES, recipe_flags
-from train.run import SNAPSHOT_DIR
+from train.run import SNAPSHOT_DIR, MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--image-size", "16", "--max-train-images", "32", "--batch-size", "4", "--warmup", "1",
@@ -131,6 +132,11 @@ def test_snapshots_load_and_cpu_seconds_add_up_over_a_resume(tmp_path):
     assert sorted(p.name for p in (run / SNAPSHOT_DIR).iterdir()) == ["step-2", "step-4"]
     snapshot = DiffusionImagePipeline.from_pretrained(run / SNAPSHOT_DIR / "step-2")
     assert snapshot.config.model_info["steps"] == 2 and snapshot.config.model_info["snr_gamma"] == 5.0
-    seconds = [row["cpu_seconds"] for row in logged(run)]
     assert [row["step"] for row in logged(run)] == [1, 2, 3, 4]
-    assert all(later > earlier for earlier, later in zip(seconds, seconds[1:])), seconds  # the resume adds on
+
+
+def test_a_resumed_metrics_log_counts_cpu_seconds_on_from_its_checkpoint(tmp_path):
+    rows = [{"step": 1, "cpu_seconds": 1.5}, {"step": 2, "cpu_seconds": 3.0}, {"step": 3, "cpu_seconds": 4.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log = MetricsLog(SimpleNamespace(is_main_process=True), tmp_path, resumed_step=2)
+    assert log.cpu_seconds_before == 3.0 and [row["step"] for row in logged(tmp_path)] == [1, 2]
