@@ -65,7 +65,8 @@ def test_registry_maps_names_to_prediction_types_and_sampler_configs():
     assert config["prediction_type"] == "v_prediction" and config["clip_sample"] is False  # CFG-safe (see there)
     scheduler = DDPMScheduler(**config)
     torch.testing.assert_close(scheduler.alphas_cumprod, objective.schedule.alphas_cumprod)
-    assert objective.model_info() == {"process": "vp", "prediction_type": "v_prediction", "objective": "vp-v"}
+    assert objective.model_info() == {"process": "vp", "prediction_type": "v_prediction", "objective": "vp-v",
+                                     "timestep_sampling": "uniform", "snr_gamma": None}
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])

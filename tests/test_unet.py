@@ -69,7 +69,7 @@ def test_cifar_is_the_ddpm_cifar10_architecture():
 
 
 def test_downsample_factors():
-    assert {name: downsample_factor(name) for name in UNET_CONFIGS} == {"tiny": 4, "small": 8, "cifar": 8}
+    assert {name: downsample_factor(name) for name in UNET_CONFIGS} == {"tiny": 4, "small": 8, "mnist28": 4, "cifar": 8}
 
 
 def test_image_size_must_divide_by_the_downsample_factor():
@@ -100,7 +100,7 @@ def test_conditional_outputs_depend_on_the_label_and_accept_the_null_class(tiny_
 
 
 def test_unknown_config_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown UNet config 'huge'.*tiny, small, cifar"):
+    with pytest.raises(ValueError, match="unknown UNet config 'huge'.*tiny, small, mnist28, cifar"):
         build_unet("huge", image_size=32, channels=1)
     with pytest.raises(ValueError, match="unknown UNet config"):
         downsample_factor("huge")
