@@ -57,10 +57,11 @@ def gap(scene, scheduler, steps: int) -> float:
 
 @pytest.mark.xfail(strict=True, reason="not met yet: diffusers' DPM++ 2M SDE wins on its default grid (below)")
 def test_best_stochastic_sampler_at_nfe_10_is_as_good_as_diffusers(scene):
-    """Measured: ours best 0.0375 (``dpmpp-2m-sde``, Karras), ``ddpm`` / ``ddim-eta1`` 0.046; diffusers' DPM++ 2M
-    SDE 0.0202, Euler ancestral 0.0497. Our 2M SDE equals diffusers' on the same Karras grid (0.0396 vs 0.0397 on
-    a 25-d check mixture); diffusers' default "linspace" grid ends its last evaluation at t ≈ 100 (σ ≈ 0.4) before
-    the final denoise, and that grid, not the solver, is its edge. Strict: remove the mark once it passes."""
+    """Measured: ours best 0.0366 (``dpmpp-2m-sde`` on its log-SNR steps; 0.0375 on Karras steps), ``ddpm`` /
+    ``ddim-eta1`` 0.046; diffusers' DPM++ 2M SDE 0.0202, Euler ancestral 0.0497. Our 2M SDE equals diffusers' on
+    the same Karras grid (0.0396 vs 0.0397 on a 25-d check mixture); diffusers' default "linspace" grid ends its
+    last evaluation at t ≈ 100 (σ ≈ 0.4) before the final denoise, and that grid, not the solver, is its edge.
+    Strict: remove the mark once it passes."""
     ours = {name: gap(scene, schedulers.get_sampler(name).create({"clip_sample": False}),
                       schedulers.get_sampler(name).steps_within(10)[0])
             for name in STOCHASTIC if schedulers.get_sampler(name).min_nfe <= 10}
