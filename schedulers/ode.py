@@ -175,7 +175,7 @@ def drive_solver(solver, denoise, x, sigmas):
 WEIGHTINGS = ("euclidean", "precision")
 
 
-def _least_squares_metric(target: torch.Tensor, weighting: str) -> torch.Tensor:
+def least_squares_metric(target: torch.Tensor, weighting: str) -> torch.Tensor:
     """The metric of ``fit_mean_value_points``' least squares at one σ: the identity for the Euclidean norm,
     else the inverse of the reference states' covariance (ridge 1e-6 of its mean variance, for the rank it lacks)."""
     flat = target.flatten(1)
@@ -212,6 +212,14 @@ def fit_mean_value_points(denoise, x, sigmas, substeps: int = 30, lower_order_fi
         raise ValueError(f"the precision-weighted fit needs more starts than dimensions ({x[0].numel()}); got "
                          f"{len(x)}: pass more, or weighting='euclidean'")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    points, _ = fit_mean_value_points_to(_tight_states(denoise, x, sigmas, substeps), denoise, x, sigmas,
+                                         lower_order_final, weighting)
+    return points
+
+
+def _tight_states(denoise, x, sigmas, substeps: int) -> list[torch.Tensor]:
+    """``dpmpp-3m`` with ``substeps`` log-σ steps per step of ``sigmas`` from ``x``: its states at ``sigmas[1:]`` (a
+    step onto σ = 0 ends at 1e-4 of its start, whose state stands for the last)."""
     segments = []
     for sigma, sigma_next in _pairs(sigmas):
         end = sigma_next if sigma_next > 0 else sigma * 1e-4
@@ -222,21 +230,31 @@ def fit_mean_value_points(denoise, x, sigmas, substeps: int = 30, lower_order_fi
     fine = torch.cat([*segments, end.reshape(1)])
     final, asked = drive_solver(dpmpp_multistep(3), denoise, x, fine)
     on_fine = dict(asked)
-    targets = [on_fine[float(sigma)] for sigma in sigmas[1:-1]] + [final]
+    return [on_fine[float(sigma)] for sigma in sigmas[1:-1]] + [final]
 
+
+def fit_mean_value_points_to(targets, denoise, x, sigmas, lower_order_final: bool = True, weighting: str = "euclidean",
+                             within_step: bool = False) -> tuple[list[float], torch.Tensor]:
+    """``fit_mean_value_points``' greedy least squares against given ``targets`` (the tight solution's states at
+    ``sigmas[1:]``): the table, and where the solver with it ends. One evaluation of ``denoise`` per step.
+
+    ``within_step``: keep each κ in [0, 1], where the mean value theorem puts the point (``mean_value_step``: κ is
+    its place in the step, in λ); the clamped value is the constrained least-squares solution (one variable)."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     points, previous = [], None
     for step, ((sigma, sigma_next), target) in enumerate(zip(_pairs(sigmas), targets)):
         denoised = denoise(x, sigma)
         base, direction = mean_value_step(x, denoised, previous, sigma, sigma_next)
-        metric = _least_squares_metric(target, weighting)
+        metric = least_squares_metric(target, weighting)
         residual, along = (target - base).flatten(1), direction.flatten(1)
         norm = float((along @ metric * along).sum())
         last = step == len(sigmas) - 2
         kappa = 0.0 if norm == 0 or (lower_order_final and last) else float((residual @ metric * along).sum()) / norm
+        kappa = min(max(kappa, 0.0), 1.0) if within_step else kappa
         x = base + kappa * direction
         points.append(kappa)
         previous = (denoised, torch.log(sigma / sigma_next)) if sigma_next > 0 else None
-    return points
+    return points, x
 
 
 def flow_heun(x, sigmas, noise):

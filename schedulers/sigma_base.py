@@ -35,7 +35,9 @@ FINAL_SIGMAS = ("zero", "sigma_min")
 # The σ grid's config keys, which every σ-space scheduler takes and ``set_timesteps`` reads; a scheduler that wants
 # another default declares the key itself (the SDEs' grid is uniform in t, rk45's geometric).
 SIGMA_GRID_DEFAULTS = {"sigma_schedule": "karras", "rho": 7.0, "sigma_min": None, "sigma_max": None,
-                       "final_sigma": "zero"}
+                       "final_sigma": "zero", "tuned_sigmas": None}
+# ``tuned_sigmas``: a grid tuned for one model and one step count (``schedulers.tuning``); it replaces the schedule,
+# and ``set_timesteps`` then takes only that step count.
 # Every σ-space scheduler's own config keys: its grid, and the clipping of D (``clipping.py``, diffusers' keys).
 SIGMA_SPACE_DEFAULTS = {**SIGMA_GRID_DEFAULTS, **CLIPPING_DEFAULTS}
 
@@ -64,6 +66,8 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self.schedule.alphas_cumprod
         check_clipping(self.config)
+        if self.config.tuned_sigmas is not None:
+            self._checked_sigmas(self.config.tuned_sigmas)
         self.process = sigma_process(self.config)
         self._generator = None
         self.order = self._evaluations_per_step()
@@ -75,8 +79,17 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         raise NotImplementedError
 
     def default_inference_steps(self) -> int:
-        """The grid laid out at construction, before any ``set_timesteps``: diffusers' Euler uses the training steps."""
+        """The grid laid out at construction, before any ``set_timesteps``: a tuned grid's steps, else the training
+        steps (as diffusers' Euler)."""
+        if self.config.tuned_sigmas is not None:
+            return len(self._tuned_grid()) - 1
         return self.config.num_train_timesteps
+
+    def _tuned_grid(self) -> torch.Tensor:
+        grid = self._checked_sigmas(self.config.tuned_sigmas)
+        if grid[-1] > 0 and self.config.final_sigma == "zero":
+            grid = torch.cat([grid, grid.new_zeros(1)])
+        return grid
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -99,9 +112,16 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None:
             if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps}")
-            low, high = self.sigma_range()
-            grid = make_sigmas(self.config.sigma_schedule, int(num_inference_steps), self.schedule, low, high,
-                               self.config.rho)
+            if self.config.tuned_sigmas is not None:
+                grid = self._tuned_grid()
+                if num_inference_steps != len(grid) - 1:
+                    raise ValueError(f"this scheduler's σ grid was tuned for {len(grid) - 1} steps, not "
+                                     f"{num_inference_steps}: run {len(grid) - 1} steps, or tune it again for "
+                                     f"{num_inference_steps} (schedulers.tuning.tune_sampler)")
+            else:
+                low, high = self.sigma_range()
+                grid = make_sigmas(self.config.sigma_schedule, int(num_inference_steps), self.schedule, low, high,
+                                   self.config.rho)
         elif sigmas is not None:
             grid = self._checked_sigmas(sigmas)
         else:

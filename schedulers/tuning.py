@@ -1,0 +1,332 @@
+"""Tune a sampler for one model: its σ grid and, for ``dpmpp-2m``, its mean-value table, fitted on the model's own
+trajectories (issue #17).
+
+What a few-step ODE sampler gets wrong depends on the model: where its trajectories bend, the grid needs its points.
+So the grid is chosen the way LD3 (Tong et al. 2024) chooses it, and without data: from a batch of noise, a tight
+solution of the model's own probability-flow ODE (``dpmpp-3m`` on fine log-SNR steps) is the target, and the grid's
+interior points move, by Nelder–Mead in log σ, to bring the sampler's end from the same noise closest to it
+(mean squared error). Align-Your-Steps (Sabour et al. 2024) and GITS (Chen et al. 2024) choose the same kind of
+grid from other criteria; the anchors are in docs/samplers.md. For ``dpmpp-2m`` each candidate grid also gets its
+mean-value table (AMED, Zhou et al. 2024; ``schedulers.ode.fit_mean_value_points_to``) fitted against the tight
+trajectory, read off it at the grid's σ's; so grid and table are tuned together, at the cost of one plain run per
+candidate. The result is a registry scheduler whose config carries ``tuned_sigmas`` (and ``mean_value_points``):
+``set_timesteps(steps)`` then runs exactly the tuned grid, and ``save_pretrained`` / ``from_pretrained`` keep it.
+
+    tuning = tune_sampler(unet, pipe.scheduler.config, sampler="dpmpp-2m", nfe=5, sample_shape=(1, 28, 28))
+    scheduler, steps = tuning                 # unpacks as the pair; tuning.rmse etc. hold the numbers
+    scheduler.set_timesteps(steps)            # the standard diffusers loop then calls the model nfe times
+
+The first σ is the model's σ_max (the pipeline's initial noise is drawn there) and the last is 0 (the final
+denoise), so a run of NFE n has n − 1 free points for a one-evaluation-per-step solver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from .ode import WEIGHTINGS, dpmpp_multistep, drive_solver, fit_mean_value_points_to, least_squares_metric
+from .registry import get_sampler
+from .sigmas import log_snr_sigmas
+
+TUNABLE = ("euler", "heun", "midpoint", "dpmpp-2m", "dpmpp-3m", "flow-heun")  # deterministic fixed-step σ-space
+WITH_TABLE = {"dpmpp-2m": "dpmpp-2m-mv"}  # sampler → the entry that runs it with a fitted mean-value table
+REFERENCE_STEPS = 200  # log-SNR steps of the tight solution (dpmpp-3m): its error is far below a tuned grid's
+
+
+class TuningStopped(Exception):
+    """Raised inside ``tune_sampler`` when its ``should_stop`` says so; nothing was written."""
+
+
+@dataclass
+class Tuning:
+    """A tuned scheduler and what the tuning measured. Unpacks as ``(scheduler, steps)``.
+
+    ``rmse`` / ``stock_rmse``: root-mean-square distance per value between the sampler's end and the tight solution
+    from the same noise, on held-out noise (``validation`` starts), for the tuned grid (and table) and for the
+    entry's stock grid at the same NFE. ``evaluations``: model calls the tuning spent, per sample."""
+
+    scheduler: object
+    steps: int
+    sampler: str
+    entry: str
+    nfe: int
+    sigmas: list[float]
+    mean_value_points: list[float] | None
+    rmse: float
+    stock_rmse: float
+    train_rmse: float
+    evaluations: int
+    seconds: float
+    history: list[float] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.scheduler, self.steps))
+
+    def summary(self) -> dict:
+        return {key: getattr(self, key) for key in ("sampler", "entry", "nfe", "steps", "sigmas", "mean_value_points",
+                                                    "rmse", "stock_rmse", "train_rmse", "evaluations", "seconds")}
+
+
+class CountingDenoiser:
+    """D(x; σ) of ``model`` through the scheduler's process (its input scale, time input and decoding, and its
+    clipping), counting the calls. ``model(sample, timestep)`` returns a tensor or an object with ``.sample``."""
+
+    def __init__(self, model, scheduler, class_labels=None):
+        self.model, self.scheduler, self.class_labels = model, scheduler, class_labels
+        self.calls = 0
+
+    def model_call(self, sample, timestep):
+        timestep = torch.as_tensor(timestep).to(sample.device, torch.float32).expand(len(sample))
+        extra = {} if self.class_labels is None else {"class_labels": self.class_labels}
+        output = self.model(sample, timestep, **extra)
+        return getattr(output, "sample", output)
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        process = self.scheduler.process
+        with torch.no_grad():
+            output = self.model_call(x * process.input_scale(sigma).to(x.dtype), process.timestep(sigma))
+        return self.scheduler.denoised(output, x, sigma).to(x.dtype)
+
+
+class TightTrajectory:
+    """The model's ODE solved tightly from ``x``: ``dpmpp-3m`` on ``steps`` uniform log-SNR steps from σ_max to
+    σ_min and a final denoise. ``state_at(σ)`` reads the state at any σ on it by the exact exponential step
+    (σ/σ_k) x_k + (1 − σ/σ_k) D_k from the grid point just above, first-order in a step of 1/``steps`` of the
+    log-σ range."""
+
+    def __init__(self, denoise: Callable, x: torch.Tensor, sigma_max: float, sigma_min: float, steps: int):
+        fine = torch.cat([log_snr_sigmas(steps, sigma_min, sigma_max), torch.zeros(1, dtype=torch.float64)])
+        seen = {}
+
+        def recording(state, sigma):
+            seen[float(sigma)] = (state, denoised := denoise(state, sigma))
+            return denoised
+
+        self.final, _ = drive_solver(dpmpp_multistep(3), recording, x, fine)
+        self.sigmas = fine[:-1]
+        self.states = [seen[float(sigma)] for sigma in self.sigmas]
+
+    def state_at(self, sigma) -> torch.Tensor:
+        sigma = float(sigma)
+        if sigma == 0:
+            return self.final
+        k = max(0, int(torch.searchsorted(-self.sigmas, torch.tensor(-sigma, dtype=torch.float64), right=True)) - 1)
+        state, denoised = self.states[k]
+        ratio = sigma / float(self.sigmas[k])
+        return ratio * state + (1 - ratio) * denoised
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor, metric: torch.Tensor | None = None) -> float:
+    """The mean over samples of each one's RMS distance per value, in the metric ``metric`` (None: Euclidean)."""
+    error = (a - b).double().flatten(1)
+    squared = error ** 2 if metric is None else (error @ metric.double()) * error
+    return float(squared.mean(1).sqrt().mean())
+
+
+def _grid(theta: np.ndarray, sigma_max: float) -> torch.Tensor:
+    """σ_max, then each point a softplus(θ_i) step lower in log σ, then 0: every θ is a valid descending grid."""
+    gaps = np.logaddexp(0.0, theta)
+    log_sigmas = math.log(sigma_max) - np.concatenate([[0.0], np.cumsum(gaps)])
+    return torch.cat([torch.tensor(np.exp(log_sigmas), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
+def _theta(grid: torch.Tensor) -> np.ndarray:
+    """The inverse of ``_grid`` for a grid that ends at 0."""
+    gaps = -np.diff(np.log(grid[:-1].numpy()))
+    return np.log(np.expm1(gaps))
+
+
+def _checked_request(sampler: str, nfe: int, scheduler_config: dict, model_process: str):
+    if sampler not in TUNABLE:
+        raise ValueError(f"sampler {sampler!r} cannot be tuned: tuning fits a deterministic fixed-step σ-space "
+                         f"solver's grid; tunable: {', '.join(TUNABLE)}")
+    spec = get_sampler(sampler)
+    spec.check_fits(model_process, scheduler_config)
+    if int(nfe) != nfe or nfe < max(2, spec.min_nfe):
+        raise ValueError(f"nfe must be an integer ≥ {max(2, spec.min_nfe)} for {sampler} (a tuned grid has at least "
+                         f"one free point), got {nfe}")
+    stock = spec.create(scheduler_config, final_sigma="zero")
+    steps, spent = spec.steps_within(int(nfe), scheduler_config)
+    if spent != nfe:
+        raise ValueError(f"{sampler} cannot spend exactly {nfe} evaluations: {steps} steps spend {spent}; "
+                         f"ask for {spent} or for {spec.steps_within(nfe + 1, scheduler_config)[1]}")
+    return spec, stock, steps
+
+
+def tune_sampler(model, scheduler_config: dict, sampler: str = "dpmpp-2m", nfe: int = 5,
+                 sample_shape: tuple[int, ...] = (1, 28, 28), class_labels=None, samples: int = 64, seed: int = 0,
+                 validation: int | None = None, max_runs: int | None = None, table: bool | None = None,
+                 weighting: str = "euclidean",
+                 reference_steps: int = REFERENCE_STEPS, model_process: str = "vp", dtype=torch.float32,
+                 device=None, progress: Callable[[int, int, float], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Tuning:
+    """Tune ``sampler``'s σ grid (and for ``dpmpp-2m`` its mean-value table) for ``model`` at ``nfe`` evaluations.
+
+    ``scheduler_config``: the model's scheduler config (any diffusers or project scheduler's), which gives the
+    training process; ``model_process``: the process the model records (``vp``, ``flow``, ``edm``).
+    ``samples`` starts of seeded noise (``seed``) tune it, ``validation`` more (default as many, seed + 1) score
+    it. ``class_labels``: one label per start, or None. ``max_runs``: candidate grids to try (default 40 per free
+    point). ``table``: fit a mean-value table too (default: for the samplers that have one, ``dpmpp-2m``);
+``weighting``: its least-squares metric (``fit_mean_value_points``).
+    ``progress(done, total, best_rmse)`` after each candidate; ``should_stop()`` stops it (``TuningStopped``).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
+    if samples < 2 or (validation is not None and validation < 1):
+        raise ValueError(f"need at least 2 tuning starts and 1 validation start, got {samples} and {validation}")
+    spec, stock, steps = _checked_request(sampler, nfe, scheduler_config, model_process)
+    started = time.perf_counter()
+    validation = samples if validation is None else validation
+    denoise = CountingDenoiser(model, stock, None)
+    sigma_min, sigma_max = stock.sigma_range()
+    scale = math.sqrt(1 + sigma_max ** 2)  # the pipeline's init_noise_sigma: x_T at σ_max
+
+    def starts(count, offset):
+        generator = torch.Generator().manual_seed(seed + offset)
+        return (torch.randn(count, *sample_shape, generator=generator, dtype=torch.float64) * scale).to(device, dtype)
+
+    labels = None if class_labels is None else torch.as_tensor(class_labels).to(device)
+    if labels is not None and len(labels) != samples + validation:
+        raise ValueError(f"class_labels holds {len(labels)} labels; give one per start ({samples} tuning + "
+                         f"{validation} validation)")
+    batches = {}
+    for name, (count, offset) in {"train": (samples, 0), "validation": (validation, 1)}.items():
+        denoise.class_labels = None if labels is None else (labels[:samples] if name == "train" else labels[samples:])
+        x = starts(count, offset)
+        batches[name] = (x, TightTrajectory(denoise, x, sigma_max, sigma_min, reference_steps), denoise.class_labels)
+
+    with_table = sampler in WITH_TABLE if table is None else bool(table)
+    if with_table and sampler not in WITH_TABLE:
+        raise ValueError(f"{sampler} has no mean-value table to fit; table=True goes with {', '.join(WITH_TABLE)}")
+
+    def run(grid, batch):
+        """The sampler's end on ``grid`` from ``batch``'s starts, and its table (fitted there) when it has one."""
+        x, tight, denoise.class_labels = batch
+        if with_table:
+            targets = [tight.state_at(sigma) for sigma in grid[1:]]
+            points, end = fit_mean_value_points_to(targets, denoise, x, grid, True, weighting, within_step=True)
+            return end, points
+        return drive_solver(stock.solver, denoise, x, grid)[0], None
+
+    final = batches["train"][1].final
+    metric = None if weighting == "euclidean" else least_squares_metric(final, weighting).to(final.device)
+    stock.set_timesteps(steps)
+    stock_grid = stock.sigmas.clone()
+    history = []
+    total = max_runs or 40 * (len(stock_grid) - 2)
+
+    def loss(theta):
+        if should_stop is not None and should_stop():
+            raise TuningStopped(f"tuning {sampler} at NFE {nfe} stopped after {len(history)} of {total} grids")
+        end, _ = run(_grid(theta, sigma_max), batches["train"])
+        history.append(_rmse(end, batches["train"][1].final, metric))
+        if progress is not None:
+            progress(len(history), total, min(history))
+        return history[-1]
+
+    theta0 = _theta(stock_grid)
+    simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(len(theta0))])
+    result = scipy.optimize.minimize(loss, theta0, method="Nelder-Mead",
+                                     options={"maxfev": total, "initial_simplex": simplex, "xatol": 1e-3,
+                                              "fatol": 1e-7})
+    grid = _grid(result.x, sigma_max)
+    _, points = run(grid, batches["train"])
+    entry = WITH_TABLE[sampler] if with_table else sampler
+    table = {} if points is None else {"mean_value_points": points}
+    scheduler = get_sampler(entry).create(scheduler_config, final_sigma="zero", tuned_sigmas=grid.tolist(), **table)
+    rmse, stock_rmse = (_end_error(candidate, denoise, batches["validation"]) for candidate in (scheduler, stock))
+    return Tuning(scheduler, steps, sampler, entry, int(nfe), grid.tolist(), points, rmse, stock_rmse,
+                  float(result.fun), denoise.calls, time.perf_counter() - started, history)
+
+
+def _end_error(scheduler, denoise, batch) -> float:
+    """RMS distance from the tight solution of ``scheduler``'s own run of its current grid from ``batch``'s starts."""
+    x, tight, denoise.class_labels = batch
+    return _rmse(drive_solver(scheduler.solver, denoise, x, scheduler.sigmas)[0], tight.final)
+
+
+# ------------------------------------------------------------------------------ tuned schedulers in a model directory
+
+TUNED_DIR = "tuned"  # MODEL_DIR/tuned/NAME/{scheduler_config.json, tuning.json}
+RECORD = "tuning.json"
+
+
+def tuned_name(sampler: str, nfe: int) -> str:
+    return f"{sampler}-nfe{nfe}"
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """SHA-256 over the denoiser's safetensors files (``unet/``): which weights a tuned scheduler belongs to."""
+    files = sorted((Path(model_dir) / "unet").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no unet/*.safetensors weights to tune for")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as weights:
+            for block in iter(lambda: weights.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tuned(model_dir, tuning: Tuning) -> Path:
+    """Write ``tuning``'s scheduler into ``MODEL_DIR/tuned/SAMPLER-nfeN`` with its record (the numbers and the
+    weights' fingerprint). Written in a temporary directory and renamed into place: a crash leaves the old one or
+    none, never half of one."""
+    model_dir = Path(model_dir)
+    target = model_dir / TUNED_DIR / tuned_name(tuning.sampler, tuning.nfe)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tuning.scheduler.save_pretrained(staging)
+        record = {**tuning.summary(), "weights_sha256": weights_fingerprint(model_dir)}
+        (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if target.exists():
+            retired = target.with_name(f".{target.name}-retired")
+            shutil.rmtree(retired, ignore_errors=True)
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def tuned_schedulers(model_dir) -> dict[str, dict]:
+    """The tuned schedulers saved in ``model_dir``, by name (``SAMPLER-nfeN``): each one's record."""
+    found = {}
+    for record in sorted((Path(model_dir) / TUNED_DIR).glob(f"*/{RECORD}")):
+        if not record.parent.name.startswith("."):
+            found[record.parent.name] = json.loads(record.read_text())
+    return found
+
+
+def load_tuned(model_dir, name: str):
+    """The tuned scheduler ``name`` of ``model_dir`` and its steps; a ValueError when there is none by that name or
+    when the model's weights changed since it was tuned (it belongs to other weights)."""
+    found = tuned_schedulers(model_dir)
+    if name not in found:
+        raise ValueError(f"{model_dir} has no tuned scheduler {name!r}; tuned: {', '.join(found) or 'none'} "
+                         "(python -m schedulers.tune MODEL_DIR --sampler S --nfe N)")
+    record = found[name]
+    if record.get("weights_sha256") != weights_fingerprint(model_dir):
+        raise ValueError(f"tuned scheduler {name!r} was tuned for other weights than {model_dir}'s (they changed "
+                         "since); tune it again")
+    scheduler = get_sampler(record["entry"]).scheduler_class.from_pretrained(Path(model_dir) / TUNED_DIR / name)
+    return scheduler, record["steps"]
