@@ -258,6 +258,10 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(len(sample)).cpu()
         alpha, beta = self.process.coefficients(t)
+        # at pure noise (the flow path's t = 1, where diffusers' flow-matching schedulers start) ᾱ = 0 and β̄ = 1:
+        # answer the limit, from ᾱ = 1e-12 (x0 → the prior mean, ε → x; float64 holds the 1e12 scale)
+        pure_noise = alpha == 0
+        alpha, beta = alpha.masked_fill(pure_noise, 1e-12), beta.masked_fill(pure_noise, 1.0)
         x = sample.cpu().double()  # differentiable: likelihood and guidance take gradients through it
         x_ve = x / expand_to(alpha, x)  # the VE state x0 + σ ε, σ = β̄/ᾱ
         labels = None if class_labels is None else torch.as_tensor(class_labels).cpu()

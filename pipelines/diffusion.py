@@ -284,7 +284,9 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
             return self.scheduler.sample_prior(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        return latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        # diffusers' flow-matching schedulers (FlowMatchEulerDiscreteScheduler …) have no init_noise_sigma and no
+        # scale_model_input: their prior is unit noise and the network's input is x_t itself (as in SD3's pipeline)
+        return latents.to(self.device, self.unet.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def _guidance_and_labels(self, mode, scale, interval, classifier, class_labels, batch_size, reference_image):
         """The call's ``Guidance`` and the class labels the network (or, in the classifier modes, the
@@ -332,13 +334,14 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
     def _step_loop(self, model_call, sample: torch.Tensor, timesteps, step_kwargs: dict,
                    callback_on_step_end) -> torch.Tensor:
         """diffusers' loop: one model call and one ``scheduler.step`` per timestep, the callback after each."""
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)  # flow matching: none
         for i, t in enumerate(self.progress_bar(timesteps)):
-            output = model_call(self.scheduler.scale_model_input(sample, t), t)
+            output = model_call(scale_input(sample, t), t)
             step = self.scheduler.step(output, t, sample, **step_kwargs)
             sample = step.prev_sample
             if callback_on_step_end is not None:
-                update = callback_on_step_end(
-                    self, i, t, {"sample": sample, "pred_original_sample": step.pred_original_sample})
+                x0 = getattr(step, "pred_original_sample", None)  # flow matching's step output has none
+                update = callback_on_step_end(self, i, t, {"sample": sample, "pred_original_sample": x0})
                 if update and "sample" in update:
                     sample = update["sample"]
         return sample
