@@ -176,11 +176,12 @@ def fitted_mean_value_points(mixture: GaussianMixture, grid: dict, nfe: int, sam
 class Scene:
     """A mixture with its pipeline, initial noise, true reference samples and sliced-W2 floor."""
 
-    def __init__(self, seed: int, n: int):
-        self.mixture = benchmark_mixture(seed)
+    def __init__(self, mixture: GaussianMixture, n: int):
+        self.mixture = mixture
         self.pipe = DiffusionImagePipeline(ExactScoreModel.from_mixture(self.mixture), schedulers.DDIMScheduler())
         self.pipe.set_progress_bar_config(disable=True)
-        self.latents = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        self.latents = torch.randn(n, *mixture.sample_shape, generator=torch.Generator().manual_seed(1),
+                                   dtype=torch.float64)
         self.reference = self.mixture.sample(n, torch.Generator().manual_seed(2))
         self.floor = sliced_wasserstein(self.mixture.sample(n, torch.Generator().manual_seed(3)), self.reference)
 
@@ -195,7 +196,7 @@ def search_grids(samples: int) -> dict:
     mixture (``TUNING_SEED``), never on the benchmark's."""
     from tqdm.auto import tqdm
 
-    scene = Scene(TUNING_SEED, samples)
+    scene = Scene(benchmark_mixture(TUNING_SEED), samples)
     keys = list(SEARCH)
     space = [dict(zip(keys, values)) for values in itertools.product(*SEARCH.values())]
     best = {}
@@ -274,7 +275,7 @@ def main(argv=None):
         return
 
     n = args.samples
-    scene = Scene(BENCHMARK_SEED, n)
+    scene = Scene(benchmark_mixture(BENCHMARK_SEED), n)
     pipe, latents = scene.pipe, scene.latents
     ode, _ = run(pipe, schedulers.ProbabilityFlowScheduler(solver="dpmpp-3m", sigma_schedule="log_snr"), 500,
                  latents, 0)
