@@ -103,7 +103,8 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         """Lay out the σ grid and trace the solver over it: ``num_inference_steps`` points of
-        ``config.sigma_schedule``, or ``sigmas`` (strictly descending; a final 0 is kept, else the config's
+        ``config.sigma_schedule`` (or, with a ``tuned_sigmas`` config, that grid, whose step count it must be), or
+        ``sigmas`` (strictly descending; a final 0 is kept, else the config's
         ``final_sigma`` decides), or ``timesteps``, the model's time inputs at the grid points (diffusers'
         Euler's meaning; repeated entries count once). The scheduler's own ``sigmas`` and ``timesteps`` give back
         its grid."""
