@@ -10,7 +10,8 @@ the model's own trajectories, with no data. Two parts:
   final σ.
 * **The shipped model** (``--model``, default the app's default model): feature-FID and judge accuracy at guidance
   1 on ``--samples`` class-balanced digits, for the model's own ``--reference-steps``-step result (``dpmpp-2m``,
-  converged), the tuned sampler, and diffusers' built-in schedulers for the model's process at the same NFE. The
+  converged), the tuned sampler (the one shipped in ``MODEL_DIR/tuned/`` when there is one, else tuned here on
+  ``--tune-samples`` starts), and diffusers' built-in schedulers for the model's process at the same NFE. The
   issue's bar: tuned NFE 5 within 20% and NFE 10 within 10% of the reference's feature-FID.
 
     python bench/tuning.py [--model checkpoints/mnist-flow] [--samples 1000] [--nfe 5 10] [--reference-steps 1000]
@@ -41,7 +42,7 @@ from evaluation.exact import ExactScoreModel, GaussianMixture  # noqa: E402
 from evaluation.judge import heldout_digits, load_judge, real_fid_floor  # noqa: E402
 from evaluation.sampling import class_balanced_labels  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
-from schedulers.tuning import tune_sampler  # noqa: E402
+from schedulers.tuning import load_tuned, tune_sampler, tuned_name, tuned_schedulers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist-flow"
@@ -152,12 +153,19 @@ def model_rows(args, results: dict, out: Path) -> None:
     reference = add(f"reference {REFERENCE_SAMPLER}", schedulers.get_sampler(REFERENCE_SAMPLER).create(config),
                     args.reference_steps, args.reference_steps)
     tune_labels = torch.arange(2 * args.tune_samples) % pipeline.num_classes
+    shipped = tuned_schedulers(args.model)
     for nfe in args.nfe:
-        tuning = tune_sampler(pipeline.unet, config, sampler=SAMPLER, nfe=nfe,
-                              sample_shape=tuple(pipeline.sample_shape), class_labels=tune_labels,
-                              samples=args.tune_samples, seed=args.seed, model_process=process)
-        tuned = add(f"tuned {SAMPLER}", *tuning, nfe, tuning_seconds=round(tuning.seconds, 1),
-                    tuning_evaluations=tuning.evaluations)
+        name = tuned_name(SAMPLER, nfe)
+        if name in shipped:  # the model's own tuned scheduler (python -m schedulers.tune), as the app runs it
+            scheduler, steps = load_tuned(args.model, name)
+            record = {key: shipped[name][key] for key in ("seconds", "evaluations")}
+        else:
+            tuning = tune_sampler(pipeline.unet, config, sampler=SAMPLER, nfe=nfe,
+                                  sample_shape=tuple(pipeline.sample_shape), class_labels=tune_labels,
+                                  samples=args.tune_samples, seed=args.seed, model_process=process)
+            (scheduler, steps), record = tuning, {"seconds": tuning.seconds, "evaluations": tuning.evaluations}
+        tuned = add(f"tuned {SAMPLER}", scheduler, steps, nfe, tuning_seconds=round(record["seconds"], 1),
+                    tuning_evaluations=record["evaluations"], shipped=name in shipped)
         builtins = [add(name, build(), nfe, nfe) for name, build in BUILTINS[process](config).items()]
         best = min(builtins, key=lambda row: row["feature_fid"])
         section.setdefault("summary", []).append(
@@ -185,7 +193,8 @@ def markdown(results: dict) -> str:
     if model and model.get("summary"):
         lines += ["", f"{model['model']}, {model['samples']} samples, guidance 1 (floor "
                       f"{model['real_fid_floor']:.2f}):", "",
-                  "| NFE | tuned feature-FID | best built-in | its feature-FID | 1000-step reference |",
+                  f"| NFE | tuned feature-FID | best built-in | its feature-FID | reference: {REFERENCE_SAMPLER}, "
+                  f"{model['rows'][0]['steps']} steps |",
                   "|---|---|---|---|---|"]
         for row in model["summary"]:
             lines.append(f"| {row['nfe']} | {row['tuned_fid']:.2f} ({row['tuned_over_reference']:.2f}×) | "
