@@ -55,7 +55,7 @@ def make_benchmark_handler(catalog: models.ModelCatalog):
         """Outputs: plot, table, CSV file."""
         loaded = catalog.load(model)
         if not quality.judge_fits(loaded.pipe):
-            raise gr.Error(f"{model} does not make 1×32×32 digits in 10 classes: the MNIST judge cannot score it")
+            raise gr.Error(f"{model} {quality.NOT_JUDGED}")
         if not isinstance(samplers, list) or not samplers:
             raise gr.Error("choose at least one sampler")
         if len(samplers) > MAX_SAMPLERS:
@@ -65,6 +65,7 @@ def make_benchmark_handler(catalog: models.ModelCatalog):
         mode = "classifier-free" if "classifier-free" in models.guidance_modes(loaded.pipe) else "none"
         jobs = [parse_job(catalog, model, sampler, n, None, mode, guidance_scale, models.EVERY_CLASS, seed, 1, 0,
                           models.DEFAULT_BACKEND) for sampler in samplers for n in steps]  # noise: the default
+        jobs = list(dict.fromkeys(jobs))  # a tuned sampler runs its own steps: once, whatever the step counts
         flag = STOP.begin(request)
 
         def on_step(i, x0):

@@ -81,7 +81,7 @@ def stop(request: gr.Request):
 def settings_text(job: Job, result) -> str:
     if job.sampler is None:
         sampler = "one-shot model"
-    elif schedulers.get_sampler(job.sampler).adaptive:  # it chooses its own steps: the NFE says how many
+    elif not models.is_tuned(job.sampler) and schedulers.get_sampler(job.sampler).adaptive:  # the NFE says how many
         sampler = f"**{job.sampler}** (adaptive steps)"
     else:
         sampler = f"**{job.sampler}**, {job.steps} steps"
@@ -140,7 +140,7 @@ def model_updates(catalog: models.ModelCatalog, name):
 
 def noise_settings(sampler: str | None) -> dict:
     """The noise slider for ``sampler``, from its spec's noise knob: range, default, label; hidden without one."""
-    knob = schedulers.get_sampler(sampler).noise_knob if sampler else None
+    knob = schedulers.get_sampler(sampler).noise_knob if sampler and not models.is_tuned(sampler) else None
     if knob is None:
         return {"visible": False, "label": NOISE_FIELD}
     return {"visible": True, "label": knob.label, "minimum": knob.low, "maximum": knob.high, "value": knob.default}

@@ -6,9 +6,10 @@ typed in: a path inside the roots, or a hub id. Loaded pipelines are cached (lea
 each carries a lock, because its network (attention processors) and scheduler are shared state.
 
 Everything the UI offers for a model is discovered, never listed by hand: samplers from the scheduler registry
-(``schedulers.samplers_for`` the process the model records), guidance modes from ``pipe.guidance_modes``, the
-η / noise-level knob from the sampler's spec (its range, default and label), the keyword arguments from the
-pipeline's ``__call__``.
+(``schedulers.samplers_for`` the process the model records) and the model's own tuned ones
+(``MODEL_DIR/tuned/``, ``schedulers.tuning``; offered as ``tuned:NAME``), guidance modes from
+``pipe.guidance_modes``, the η / noise-level knob from the sampler's spec (its range, default and label), the
+keyword arguments from the pipeline's ``__call__``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from diffusers import DiffusionPipeline
 
 import schedulers
 from pipelines import loading
+from schedulers.tuning import load_tuned, tuned_schedulers
 from webui.validation import inside
 
 UNCONDITIONAL = "none (unconditional)"
@@ -119,14 +121,40 @@ def process(pipe) -> str:
 
 
 def samplers(loaded: LoadedModel) -> list[str]:
-    """The registered samplers that can drive this model; none for a one-shot model (GAN, VAE)."""
+    """The registered samplers that can drive this model, then its tuned ones; none for a one-shot model (GAN,
+    VAE)."""
     if loaded.scheduler_config is None:
         return []
-    return schedulers.samplers_for(process(loaded.pipe), loaded.scheduler_config)
+    return [*schedulers.samplers_for(process(loaded.pipe), loaded.scheduler_config), *tuned_choices(loaded)]
+
+
+TUNED = "tuned:"  # a tuned scheduler's choice: tuned:dpmpp-2m-nfe5 is MODEL_DIR/tuned/dpmpp-2m-nfe5
+DEFAULT_SAMPLERS = ("ddim", "dpmpp-2m")  # the first the model offers is the default: DDIM on VP models, else 2M
+
+
+def is_tuned(sampler) -> bool:
+    return isinstance(sampler, str) and sampler.startswith(TUNED)
+
+
+def tuned_choices(loaded: LoadedModel) -> list[str]:
+    """``tuned:NAME`` for each scheduler tuned for this model (a local pipeline directory)."""
+    folder = Path(loaded.key)
+    return [TUNED + name for name in tuned_schedulers(folder)] if folder.is_dir() else []
+
+
+def tuned_scheduler(loaded: LoadedModel, sampler: str):
+    """(scheduler, steps, registry entry) of the tuned choice ``sampler``; gr.Error when it is gone or was tuned
+    for other weights."""
+    name = sampler.removeprefix(TUNED)
+    try:
+        scheduler, steps = load_tuned(loaded.key, name)
+    except (ValueError, OSError) as error:
+        raise gr.Error(str(error)) from None
+    return scheduler, steps, tuned_schedulers(loaded.key)[name]["entry"]
 
 
 def default_sampler(choices: list[str]) -> str | None:
-    return "ddim" if "ddim" in choices else (choices[0] if choices else None)
+    return next((name for name in DEFAULT_SAMPLERS if name in choices), choices[0] if choices else None)
 
 
 def num_classes(pipe) -> int:
@@ -151,7 +179,7 @@ def guidance_modes(pipe) -> list[str]:
 def noise_knob(sampler: str | None) -> str | None:
     """The name of the stochasticity knob the sampler's spec declares: ``eta`` (a ``step`` argument, DDIM family),
     ``noise_level`` (a config value, the reverse-SDE family: 0 is the ODE, 1 the reverse SDE), or None."""
-    knob = None if sampler is None else schedulers.get_sampler(sampler).noise_knob
+    knob = None if sampler is None or is_tuned(sampler) else schedulers.get_sampler(sampler).noise_knob
     return None if knob is None else knob.name
 
 

@@ -2,9 +2,9 @@
 
 Two numbers (``evaluation.metrics.compute_metrics``): the judge's accuracy on the intended digits, and the
 feature-FID (Fréchet distance in the judge's penultimate features, Heusel et al. 2017 with the judge in place of
-Inception) against the 500 real held-out digits. They apply to models that make 1×32×32 digits in 10 classes.
-The images are drawn as the Generate tab draws them (``webui.sampling.run_job``, which holds the model's lock and
-honours Stop) and scored as the 8-bit pixels it shows.
+Inception) against the 500 real held-out digits. They apply to models that make digits in 10 classes at 32×32
+or at MNIST's native 28×28. The images are drawn as the Generate tab draws them (``webui.sampling.run_job``,
+which holds the model's lock and honours Stop) and scored as the 8-bit pixels it shows.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ from webui.sampling import MAX_BATCH, Job, run_job
 MAX_SAMPLES = 2000
 
 
+JUDGED_SHAPES = ((1, 32, 32), (1, 28, 28))  # the judge pads native 28×28 digits (models.judge)
+NOT_JUDGED = "does not make 1×32×32 or 1×28×28 digits in 10 classes: the MNIST judge cannot score it"
+
+
 def judge_fits(pipe) -> bool:
-    return models.sample_shape(pipe) == (1, 32, 32) and models.num_classes(pipe) == 10
+    return models.sample_shape(pipe) in JUDGED_SHAPES and models.num_classes(pipe) == 10
 
 
 @lru_cache(maxsize=1)
@@ -40,7 +44,7 @@ def score(catalog: models.ModelCatalog, job: Job, samples: int, on_step=None) ->
     seconds they took."""
     pipe = catalog.load(job.model).pipe
     if not judge_fits(pipe):
-        raise gr.Error(f"{job.model} does not make 1×32×32 digits in 10 classes: the MNIST judge cannot score it")
+        raise gr.Error(f"{job.model} {NOT_JUDGED}")
     if job.guidance_mode in models.NEEDS_REFERENCE:
         raise gr.Error("quality metrics sample every digit; they do not apply to similarity guidance")
     mode = job.guidance_mode if job.guidance_mode in models.CLASS_GUIDED else "none"

@@ -84,10 +84,14 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
     if loaded.scheduler_config is not None:
         if not isinstance(sampler, str):
             raise gr.Error(f"unknown sampler {sampler!r}")
-        spec = user_error(schedulers.get_sampler, sampler)
-        user_error(spec.check_fits, models.process(pipe), loaded.scheduler_config, model)
-        steps = number("steps", steps, 1, MAX_STEPS, integer=True)
-        knob = spec.noise_knob
+        if models.is_tuned(sampler):  # tuned for these weights (checked), at the steps it runs, with no knob
+            _, steps, entry = models.tuned_scheduler(loaded, sampler)
+            spec, knob = schedulers.get_sampler(entry), None
+        else:
+            spec = user_error(schedulers.get_sampler, sampler)
+            user_error(spec.check_fits, models.process(pipe), loaded.scheduler_config, model)
+            steps = number("steps", steps, 1, MAX_STEPS, integer=True)
+            knob = spec.noise_knob
         if knob is None:
             noise = None
         elif noise is None:  # left unset (the Evaluate tab): the sampler's own default
@@ -174,7 +178,9 @@ def run_job(catalog: models.ModelCatalog, job: Job, on_step=None) -> Result:
     with loaded.lock:
         try:
             step_knobs = {}
-            if job.sampler is not None:
+            if models.is_tuned(job.sampler):
+                pipe.scheduler = models.tuned_scheduler(loaded, job.sampler)[0]
+            elif job.sampler is not None:
                 knob = models.noise_knob(job.sampler)
                 step_knobs = pipe.set_sampler(job.sampler, {} if knob is None else {knob: job.noise},
                                               loaded.scheduler_config)
