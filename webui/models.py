@@ -28,6 +28,7 @@ from pipelines import loading
 from schedulers.tuning import load_tuned, tuned_schedulers
 from webui.validation import inside
 
+DEFAULT_MODEL = "mnist-flow"  # the best shipped model (checkpoints/mnist-flow/README.md)
 UNCONDITIONAL = "none (unconditional)"
 EVERY_CLASS = "every class in turn"
 DEFAULT_BACKEND = "default"
@@ -67,7 +68,7 @@ class ModelCatalog:
         names = list(self.listed())
         if not names:
             raise gr.Error("no pipeline directories found; train one (Train tab) or start with --models DIR")
-        return "mnist-vp" if "mnist-vp" in names else names[0]
+        return DEFAULT_MODEL if DEFAULT_MODEL in names else names[0]
 
     def resolve(self, text) -> str:
         """A listed name, a typed path inside the roots, or a hub id → a directory path or the hub id."""
