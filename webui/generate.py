@@ -166,15 +166,16 @@ def build(catalog: models.ModelCatalog) -> dict:
                                          scale=4)
                 w["refresh"] = gr.Button("↻", scale=0, min_width=40)
             w["about"] = gr.Markdown(models.describe(loaded))
+            # the model-dependent choices take any value (an API call may name another model's): parse_job checks
             w["sampler"] = gr.Dropdown(offered, value=models.default_sampler(offered), label="sampler",
-                                       info="only the samplers that can drive this model")
+                                       info="only the samplers that can drive this model", allow_custom_value=True)
             w["steps"] = gr.Slider(1, MAX_STEPS, value=25, step=1, label="steps")
             w["noise"] = gr.Slider(step=0.05, **noise_settings(models.default_sampler(offered)))
             with gr.Row():
-                w["guidance_mode"] = gr.Dropdown(modes, value=modes[-1], label="guidance")
+                w["guidance_mode"] = gr.Dropdown(modes, value=modes[-1], label="guidance", allow_custom_value=True)
                 w["guidance_scale"] = gr.Slider(0.0, 20.0, value=2.0, step=0.5, label="guidance scale")
             w["reference"] = gr.Image(label="reference image (similarity guidance)", type="pil", visible=False)
-            w["class_name"] = gr.Dropdown(classes, value=classes[0], label="class")
+            w["class_name"] = gr.Dropdown(classes, value=classes[0], label="class", allow_custom_value=True)
             with gr.Accordion("img2img / SDEdit", open=False):
                 w["image"] = gr.Image(label="start from this image (the model's size; empty: from noise)", type="pil")
                 w["strength"] = gr.Slider(0.05, 1.0, value=IMG2IMG_STRENGTH, step=0.05, label="strength",
@@ -187,7 +188,7 @@ def build(catalog: models.ModelCatalog) -> dict:
             with gr.Accordion("more", open=False):
                 w["resolution"] = gr.Number(value=0, precision=0, label="resolution (0: as trained)", minimum=0)
                 w["backend"] = gr.Dropdown(models.attention_backends(loaded.pipe), value=models.DEFAULT_BACKEND,
-                                           label="attention backend")
+                                           label="attention backend", allow_custom_value=True)
                 w["preview_every"] = gr.Slider(0, 50, value=5, step=1, label="live preview every N steps (0: off)")
             with gr.Row():
                 w["run"] = gr.Button("Generate", variant="primary", elem_id="generate-run")

@@ -94,7 +94,8 @@ def build(catalog: models.ModelCatalog, generate_widgets: dict) -> None:
                 "as `tuned:SAMPLER-nfeN` in Generate, Compare and Evaluate.")
     with gr.Row():
         model = gr.Dropdown(list(catalog.listed()), value=default, label="model", allow_custom_value=True)
-        sampler = gr.Dropdown(offered, value="dpmpp-2m" if "dpmpp-2m" in offered else None, label="sampler")
+        sampler = gr.Dropdown(offered, value="dpmpp-2m" if "dpmpp-2m" in offered else None, label="sampler",
+                              allow_custom_value=True)
         nfe = gr.Number(5, precision=0, label="NFE", minimum=2, maximum=MAX_NFE)
         samples = gr.Number(64, precision=0, label="tuning samples (as many more validate)", minimum=2,
                             maximum=MAX_TUNING_SAMPLES)
