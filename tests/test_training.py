@@ -32,11 +32,12 @@ from train.diffusion import build_parser, check_args
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 24, 8
-# per micro-batch 8 images: 1 process × batch 8, or 2 processes × batch 4; two micro-batches per step
+# per micro-batch 8 images: 1 process × batch 8, or 2 processes × batch 4; two micro-batches per step. The preview
+# grids (80 images, guided) take 2 sampler steps instead of 25: nothing here looks at their pixels.
 TINY_RUN = ["--model", "tiny", "--image-size", "16", "--max-train-images", "64", "--steps", str(STEPS),
             "--grad-accum", "2", "--lr", "3e-3", "--warmup", "2", "--lr-decay", "cosine",
             "--timestep-sampling", "importance", "--checkpoint-every", str(CHECKPOINT_EVERY),
-            "--keep-checkpoints", "2", "--sample-every", "12", "--seed", "7"]
+            "--keep-checkpoints", "2", "--sample-every", "12", "--sample-steps", "2", "--seed", "7"]
 SUBPROCESS_TIMEOUT = 300
 
 
@@ -162,7 +163,7 @@ def test_save_checkpoint_is_atomic_and_keeps_the_last_k(tmp_path):
     ("option", "value", "message"),
     [("--steps", "0", "--steps"), ("--batch-size", "0", "--batch-size"), ("--lr", "0", "--lr"),
      ("--ema-decay", "1", "--ema-decay"), ("--grad-clip", "-1", "--grad-clip"),
-     ("--max-train-images", "0", "--max-train-images")],
+     ("--max-train-images", "0", "--max-train-images"), ("--sample-steps", "0", "--sample-steps")],
 )
 def test_out_of_range_options_raise_value_errors_naming_them(option, value, message):
     args = build_parser().parse_args(["--steps", "10", "--output-dir", "x", option, value])

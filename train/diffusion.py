@@ -16,14 +16,15 @@ clipping, an EMA of the weights (``diffusers.training_utils.EMAModel``).
 
 Run directory (``--output-dir``): ``train_config.json`` (written at start), ``metrics.jsonl`` (one line per
 step: step, loss, lr, grad_norm — the app reads it for live loss curves), TensorBoard logs in ``logs/`` when
-tensorboard is installed (the same scalars, plus an EMA sample grid every ``--sample-every`` steps, also saved
-as ``samples/step-STEP.png``), ``checkpoint-STEP/`` every ``--checkpoint-every`` steps and at the end (see
-``train.checkpointing``; the last ``--keep-checkpoints`` are kept), and the exported pipeline (EMA weights,
-``model/`` unless ``--export DIR``). ``--resume latest`` continues from the newest complete checkpoint and
-truncates ``metrics.jsonl`` to it; resuming a finished run only exports it again. SIGTERM or SIGINT (the app's
-Stop, Ctrl-C, a cluster's preemption notice) finishes the current step, writes a checkpoint there and exits
-without exporting: nothing is lost, and ``--resume latest`` continues exactly. All of this is ``train.run``'s
-(data order: ``train.batch_order``); this module supplies the UNet, the objective and the step.
+tensorboard is installed (the same scalars, plus an EMA sample grid of ``--sample-steps`` sampler steps every
+``--sample-every`` steps, also saved as ``samples/step-STEP.png``), ``checkpoint-STEP/`` every
+``--checkpoint-every`` steps and at the end (see ``train.checkpointing``; the last ``--keep-checkpoints`` are
+kept), and the exported pipeline (EMA weights, ``model/`` unless ``--export DIR``). ``--resume latest``
+continues from the newest complete checkpoint and truncates ``metrics.jsonl`` to it; resuming a finished run
+only exports it again. SIGTERM or SIGINT (the app's Stop, Ctrl-C, a cluster's preemption notice) finishes the
+current step, writes a checkpoint there and exits without exporting: nothing is lost, and ``--resume latest``
+continues exactly. All of this is ``train.run``'s (data order: ``train.batch_order``); this module supplies the
+UNet, the objective and the step.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--udm-loss", choices=["l1", "l2"], default="l1", help="udm-*: the x0 regression's norm")
     process.add_argument("--udm-noise", type=float, default=0.01,
                          help="udm-blur/udm-mask: std of the small noise added to the deterministic corruption")
+    groups.run.add_argument("--sample-steps", type=int, default=PREVIEW_STEPS,
+                            help="sampler steps of the --sample-every grid (fewer: a cheaper, rougher preview)")
     groups.optim.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     groups.optim.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS))
     groups.optim.add_argument("--grad-accum", type=int, default=1,
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first option out of range."""
     check_common_args(args)
-    check_at_least_one(args, "grad_accum")
+    check_at_least_one(args, "grad_accum", "sample_steps")
     check_non_negative(args, "warmup", "grad_clip", "weight_decay")
     if not 0.0 <= args.adam_beta1 < 1.0:
         raise ValueError(f"--adam-beta1 must be in [0, 1), got {args.adam_beta1}")
@@ -189,7 +192,7 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     def export(directory: Path, step: int) -> None:
         pipeline(step).save_pretrained(directory, safe_serialization=True)
 
-    preview_kwargs = {"num_inference_steps": PREVIEW_STEPS,
+    preview_kwargs = {"num_inference_steps": args.sample_steps,
                       **({"guidance_scale": PREVIEW_GUIDANCE} if run.num_classes else {})}
     return Trainer(
         step=lambda index: diffusion_step(run, parts, index), export=export, preview=pipeline,
