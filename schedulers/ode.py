@@ -402,9 +402,7 @@ class AdaptiveODEScheduler(SigmaSpaceScheduler):
 
         def denoise(x, sigma):
             self.nfe_spent += 1
-            sigma = torch.as_tensor(sigma, dtype=torch.float64)
-            output = model_call(x * self.process.input_scale(sigma).to(x.dtype), self.process.timestep(sigma))
-            return self.denoised(output, x, sigma)
+            return self.denoise_with(model_call, x, sigma)
 
         def drift(sigma, flat):
             x = torch.from_numpy(flat).reshape(shape).to(device=x_ve.device, dtype=dtype)

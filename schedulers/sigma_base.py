@@ -295,6 +295,13 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         ε̂ = (x − D)/σ from it, so its ε̂ is the clipped D's."""
         return clip_x0(self.process.denoised(model_output, sample, sigma), self.config)
 
+    def denoise_with(self, model_call, sample: torch.Tensor, sigma) -> torch.Tensor:
+        """D(x; σ) by calling the network itself, ``model_call(x_model, t)``: the process's input scaling and time
+        input, then ``denoised``. For the solvers that call the model themselves (``rk45``, the tuner)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        output = model_call(sample * self.process.input_scale(sigma).to(sample.dtype), self.process.timestep(sigma))
+        return self.denoised(output, sample, sigma)
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """Feed the denoiser's answer at ``timestep``'s evaluation point to the solver; get its next point. A

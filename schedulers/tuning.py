@@ -95,11 +95,8 @@ class CountingDenoiser:
 
     def __call__(self, x, sigma):
         self.calls += 1
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        process = self.scheduler.process
         with torch.no_grad():
-            output = self.model_call(x * process.input_scale(sigma).to(x.dtype), process.timestep(sigma))
-        return self.scheduler.denoised(output, x, sigma).to(x.dtype)
+            return self.scheduler.denoise_with(self.model_call, x, sigma).to(x.dtype)
 
 
 class TightTrajectory:
