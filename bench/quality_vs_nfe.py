@@ -1,8 +1,9 @@
-"""Quality against NFE on the shipped MNIST model: feature-FID of each sampler family at NFE ≈ 5, 10, 20, 50.
+"""Quality against NFE on a shipped MNIST model: feature-FID of each sampler family at NFE ≈ 5, 10, 20, 50.
 
-Every registered sampler named in ``--samplers`` drives ``checkpoints/mnist-vp`` (a VP ε-model) class-conditionally
-at guidance scale 1 (plain conditional: one UNet call per step), with the same per-digit labels and the same
-seeds for every row, and the MNIST judge scores the samples:
+Every registered sampler named in ``--samplers`` drives ``--model`` (default ``checkpoints/mnist-vp``, a VP model;
+``checkpoints/mnist-flow``, the app's default, is a flow model) class-conditionally at guidance scale 1 (plain
+conditional: one UNet call per step), with the same per-digit labels and the same seeds for every row, and the
+MNIST judge scores the samples:
 
 * ``feature_fid``: the Fréchet distance of judge features to the 500 held-out digits (``evaluation.judge``);
 * ``accuracy``: the judge's accuracy on the intended digits.
@@ -11,7 +12,8 @@ NFE counts network evaluations honestly: each row takes the most steps whose run
 (``len(scheduler.timesteps)`` after ``set_timesteps``, one UNet call each), so Heun and the predictor–corrector
 SDE get about half the steps of a one-evaluation solver, and the table shows the NFE actually spent. Two lines
 frame the rows: DDPM with all 1,000 training steps (the sampler the model was trained for, at its most
-expensive: the reference) and ``real_fid_floor`` (250 real held-out digits against the other 250).
+expensive: the reference; on a flow model its ancestral counterpart, Euler ancestral with η = 1, which is DDPM's
+step in σ-space) and ``real_fid_floor`` (250 real held-out digits against the other 250).
 
 The default samplers are one per family and order: ``ddpm`` (ancestral; its own curve runs into the reference),
 ``ddim`` (η = 0, the shipped scheduler, which is also the exponential-integrator Euler step), ``analytic-ddpm``
@@ -20,7 +22,9 @@ ships no E‖ε_θ‖²/d table, so it is estimated here on the train split as `
 does, and the seconds it took are recorded), ``heun`` (second-order probability-flow ODE, two evaluations per
 step), ``dpmpp-2m`` (multistep DPM-Solver++, Lu et al. 2022) and ``sde-euler-maruyama`` (the reverse SDE,
 Song et al. 2021). Euler and DPM-Solver++ 3M are left out by default: Euler is DDIM on another σ grid, 3M a
-higher-order 2M; ``--samplers`` adds them or any other registered VP sampler that needs no fitted table.
+higher-order 2M; ``--samplers`` adds them or any other registered sampler of the model's process that needs no
+fitted table. On a flow model the defaults are ``euler-ancestral`` (the ancestral row), ``euler`` (DDIM's step on
+that process), ``heun``, ``dpmpp-2m``, ``dpmpp-2m-sde`` and ``sde-euler-maruyama``.
 
 Feature-FID from N samples is biased upward, more the smaller N is (the 128-d covariance is estimated from N
 points), so rows are comparable only at equal N, within one run, not with FIDs from other sample counts.
@@ -36,6 +40,7 @@ about samples × (ΣNFE + 1000) UNet evaluations: 50 CPU-minutes at 200 samples 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,23 +60,39 @@ from schedulers.registry import steps_within  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-SAMPLERS = ("ddpm", "ddim", "analytic-ddpm", "heun", "dpmpp-2m", "sde-euler-maruyama")
+# per process: the default samplers (one per family and order) and the ancestral reference
+SAMPLERS = {"vp": ("ddpm", "ddim", "analytic-ddpm", "heun", "dpmpp-2m", "sde-euler-maruyama"),
+            "flow": ("euler-ancestral", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "sde-euler-maruyama")}
+REFERENCE_SAMPLERS = {"vp": "ddpm", "flow": "euler-ancestral"}
 NFES = (5, 10, 20, 50)
-REFERENCE_SAMPLER, REFERENCE_STEPS = "ddpm", 1000
+REFERENCE_STEPS = 1000
 # E‖ε_θ‖²/d: measured timesteps × images per timestep (python -m evaluation.analytic_table's defaults; --quick: coarse)
 ANALYTIC_TABLE, QUICK_ANALYTIC_TABLE = (100, 160), (10, 20)
-QUICK = {"samples": 20, "nfe": [5, 10], "samplers": ["ddim", "analytic-ddpm", "heun"], "reference_steps": 50}
+QUICK = {"samples": 20, "nfe": [5, 10], "reference_steps": 50}
+QUICK_SAMPLERS = {"vp": ["ddim", "analytic-ddpm", "heun"], "flow": ["euler", "euler-ancestral", "heun"]}
 BIAS_NOTE = ("feature-FID from N samples is biased upward, more for smaller N: rows are comparable only at equal N "
              "(this run's), not with FIDs from other sample counts")
 
 
-def benchmarked_spec(name: str) -> schedulers.SamplerSpec:
-    """The registry entry ``name``, if this benchmark can run it: a VP sampler at a fixed step count that needs no
-    fitted value but the E‖ε_θ‖²/d table, which the benchmark estimates."""
+def model_process(model_dir: Path) -> str:
+    """The process the exported model was trained on (``model_info`` in its ``model_index.json``), if this benchmark
+    covers it."""
+    index_path = Path(model_dir) / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(f"{model_dir} is not an exported pipeline directory: it has no model_index.json")
+    process = (json.loads(index_path.read_text()).get("model_info") or {}).get("process", "vp")
+    if process not in SAMPLERS:
+        raise ValueError(f"{model_dir} is a {process!r} model; this benchmark covers {', '.join(SAMPLERS)} models")
+    return process
+
+
+def benchmarked_spec(name: str, process: str) -> schedulers.SamplerSpec:
+    """The registry entry ``name``, if this benchmark can run it: a sampler of ``process`` at a fixed step count that
+    needs no fitted value but the E‖ε_θ‖²/d table, which the benchmark estimates."""
     spec = schedulers.get_sampler(name)
-    if spec.adaptive or not spec.drives("vp") or set(spec.requires) - {"eps_second_moment"}:
-        raise ValueError(f"sampler {name!r} does not fit this benchmark: it must drive a VP model at a fixed step "
-                         f"count and need no fitted value other than eps_second_moment")
+    if spec.adaptive or not spec.drives(process) or set(spec.requires) - {"eps_second_moment"}:
+        raise ValueError(f"sampler {name!r} does not fit this benchmark: it must drive a {process} model at a fixed "
+                         f"step count and need no fitted value other than eps_second_moment")
     return spec
 
 
@@ -88,7 +109,7 @@ def sample_and_score(pipeline, judge, heldout, labels, steps: int, seed: int) ->
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run(args, out: Path) -> dict:
+def run(args, process: str, out: Path) -> dict:
     pipeline = DiffusionImagePipeline.from_pretrained(args.model)
     pipeline.set_progress_bar_config(disable=True)
     model_config = pipeline.scheduler.config
@@ -96,7 +117,8 @@ def run(args, out: Path) -> dict:
     heldout, _ = heldout_digits()
     labels = class_balanced_labels(pipeline.num_classes, args.samples)
     results = {"benchmark": "quality_vs_nfe", **machine_info(), "model": str(args.model),
-               "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0, "nfe_targets": args.nfe,
+               "process": process, "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0,
+               "nfe_targets": args.nfe,
                "samplers": args.samplers, "note": BIAS_NOTE, "real_fid_floor": real_fid_floor(judge),
                "reference": None, "analytic_table": None, "rows": []}
 
@@ -111,15 +133,16 @@ def run(args, out: Path) -> dict:
         print(f"E‖ε‖²/d table: {table[0]:.3f} (t=0) … {table[-1]:.3f} (t=T−1), "
               f"{results['analytic_table']['seconds']:.0f} s", flush=True)
 
-    pipeline.scheduler = schedulers.get_sampler(REFERENCE_SAMPLER).create(model_config)
-    results["reference"] = {"sampler": REFERENCE_SAMPLER, "steps": args.reference_steps, "nfe": args.reference_steps,
+    reference = REFERENCE_SAMPLERS[process]
+    pipeline.scheduler = schedulers.get_sampler(reference).create(model_config)
+    results["reference"] = {"sampler": reference, "steps": args.reference_steps, "nfe": args.reference_steps,
                             **sample_and_score(pipeline, judge, heldout, labels, args.reference_steps, args.seed)}
-    print(f"reference {REFERENCE_SAMPLER} {args.reference_steps} steps: feature-FID "
+    print(f"reference {reference} {args.reference_steps} steps: feature-FID "
           f"{results['reference']['feature_fid']:.2f} ({results['reference']['seconds']:.0f} s)", flush=True)
     write_results(out, results)
 
     for name in args.samplers:
-        spec = benchmarked_spec(name)
+        spec = benchmarked_spec(name, process)
         scheduler = pipeline.scheduler = make_scheduler(spec, model_config, table)
         for target in args.nfe:
             steps, nfe = steps_within(scheduler, target)
@@ -186,7 +209,7 @@ def plot(results: dict, path: Path) -> None:
     axis.axhline(results["real_fid_floor"], color="grey", linestyle=":", label="real vs real (floor)")
     axis.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)",
              ylabel="feature-FID vs held-out digits",
-             title=f"checkpoints/mnist-vp, {results['samples']} samples per point (stochastic: dashed)")
+             title=f"{Path(results['model']).name}, {results['samples']} samples per point (stochastic: dashed)")
     axis.set_xticks(results["nfe_targets"], [str(t) for t in results["nfe_targets"]])
     axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -201,11 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge", type=Path, default=ROOT / DEFAULT_JUDGE_PATH)
     parser.add_argument("--samples", type=int, default=200, help="samples per point, equal per digit")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="NFE targets")
-    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="registered sampler names")
-    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS, help="steps of the DDPM reference")
+    parser.add_argument("--samplers", nargs="+", default=None,
+                        help="registered sampler names (default: one per family for the model's process)")
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS,
+                        help="steps of the ancestral reference (DDPM; Euler ancestral on a flow model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(
-        f"{key.replace('_', '-')} {value}" for key, value in QUICK.items()))
+        f"{key.replace('_', '-')} {value}" for key, value in QUICK.items()) + ", three samplers")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/quality_vs_nfe.json, -quick.json with --quick)")
     args = parser.parse_args(argv)
@@ -215,15 +240,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--samples must be a multiple of 10 (equal per digit), at least 20")
     if min(args.nfe) < 1:
         parser.error("--nfe targets must be positive")
-    for name in args.samplers:
-        try:
-            benchmarked_spec(name)
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        process = model_process(args.model)
+        if args.quick:
+            args.samplers = QUICK_SAMPLERS[process]
+        args.samplers = args.samplers or list(SAMPLERS[process])
+        for name in args.samplers:
+            benchmarked_spec(name, process)
+    except ValueError as error:
+        parser.error(str(error))
     out = args.out or RESULTS / ("quality_vs_nfe-quick.json" if args.quick else "quality_vs_nfe.json")
     diffusers_logging.disable_progress_bar()
 
-    results = run(args, out)
+    results = run(args, process, out)
     print()
     print(markdown(results))
     plot(results, out.with_suffix(".png"))

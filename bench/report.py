@@ -62,6 +62,7 @@ BENCHMARKS = (
     Benchmark("samplers", commands=(("--search",), ())),
     Benchmark("quality_vs_nfe"),
     Benchmark("tuning", commands=(("--samples", "500", "--reference-steps", "100"),)),
+    Benchmark("clipping"),
     Benchmark("guidance", commands=(
         ("--samples", "1000", "--steps", "25", "--scales", "0", "1", "2", "3", "4", "8", "--modes", "classifier-free",
          "--name", "guidance-cfg"),
