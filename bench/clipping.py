@@ -23,7 +23,6 @@ clipping-quick.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,24 +30,14 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_positive, machine_info, write_results  # noqa: E402
+from bench.common import check_positive, default_sampler, machine_info, write_results  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH  # noqa: E402
 from train.evaluate_model import X0_CLIPPING, evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("checkpoints/mnist-flow", "checkpoints/mnist-vp")
-DEFAULT_SAMPLERS = {"vp": "ddim"}  # the app's default sampler per process; dpmpp-2m for the others
 QUICK = {"models": ["checkpoints/mnist-flow"], "samples": 20, "steps": 2, "guidance": [1.0, 3.0]}
-
-
-def default_sampler(model_dir: Path) -> str:
-    """The sampler the app opens ``model_dir`` with: DDIM on a VP model, else DPM-Solver++ 2M."""
-    index_path = Path(model_dir) / "model_index.json"
-    if not index_path.is_file():
-        raise ValueError(f"{model_dir} is not an exported pipeline directory: it has no model_index.json")
-    process = (json.loads(index_path.read_text()).get("model_info") or {}).get("process", "vp")
-    return DEFAULT_SAMPLERS.get(process, "dpmpp-2m")
 
 
 def verdicts(rows: list[dict]) -> list[dict]:

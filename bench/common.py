@@ -29,6 +29,21 @@ def write_results(path: Path, results: dict) -> None:
     temporary.replace(path)
 
 
+def model_process(model_dir: Path) -> str:
+    """The forward process an exported ``DiffusionImagePipeline`` directory was trained on (``model_info`` in its
+    ``model_index.json``; "vp" when it records none); a ValueError when it is no pipeline directory."""
+    index_path = Path(model_dir) / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(f"{model_dir} is not an exported pipeline directory: it has no model_index.json")
+    return (json.loads(index_path.read_text()).get("model_info") or {}).get("process", "vp")
+
+
+def default_sampler(model_dir: Path) -> str:
+    """The sampler the app opens a model with (``webui.models.DEFAULT_SAMPLERS``): DDIM on a VP model, else
+    DPM-Solver++ 2M."""
+    return "ddim" if model_process(model_dir) == "vp" else "dpmpp-2m"
+
+
 def check_positive(parser, args, names: tuple[str, ...]) -> None:
     """``parser.error`` naming the first of the integer options ``names`` that is below 1."""
     for name in names:

@@ -1,5 +1,8 @@
 """Model benchmark on MNIST: the GAN and VAE baselines beside the diffusion model at several NFE, one table.
 
+The diffusion model is ``--diffusion`` (default the app's default, ``checkpoints/mnist-flow``) with ``--sampler``
+(default the app's choice for its process: DDIM on a VP model, else DPM-Solver++ 2M).
+
 Every model draws ``--samples`` class-conditional digits (the same number of each digit; seed ``--seed``), and
 the MNIST judge (``checkpoints/mnist-judge``) scores them:
 
@@ -15,7 +18,8 @@ the MNIST judge (``checkpoints/mnist-judge``) scores them:
 A first row scores real digits the same way (250 held-out digits against the other 250): the floor a perfect
 generator would reach. FID grows as the sample count shrinks, so compare rows of one run, not across runs.
 
-    python bench/models.py [--samples 200] [--steps 5 10 25] [--cfg-steps 10 --cfg-scale 3]
+    python bench/models.py [--samples 200] [--diffusion checkpoints/mnist-flow] [--sampler dpmpp-2m]
+                           [--steps 5 10 25] [--cfg-steps 10 --cfg-scale 3]
 
 prints the table and writes bench/results/models.json and models.png (FID against seconds per image, and
 precision against recall).
@@ -36,10 +40,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
-from bench.common import machine_info, write_results  # noqa: E402
+from bench.common import default_sampler, machine_info, write_results  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge  # noqa: E402
 from evaluation.metrics import compute_metrics  # noqa: E402
 from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
+from schedulers.registry import traced_nfe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,8 +75,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gan", type=Path, default=ROOT / "checkpoints/mnist-gan-qp")
     parser.add_argument("--vae", type=Path, default=ROOT / "checkpoints/mnist-vae")
-    parser.add_argument("--diffusion", type=Path, default=ROOT / "checkpoints/mnist-vp")
-    parser.add_argument("--steps", type=int, nargs="*", default=[5, 10, 25], help="diffusion DDIM steps, guidance 1")
+    parser.add_argument("--diffusion", type=Path, default=ROOT / "checkpoints/mnist-flow")
+    parser.add_argument("--sampler", default=None, help="a registered sampler for the diffusion model (default: "
+                        "DDIM on a VP model, else dpmpp-2m)")
+    parser.add_argument("--steps", type=int, nargs="*", default=[5, 10, 25], help="diffusion steps, guidance 1")
     parser.add_argument("--cfg-steps", type=int, nargs="*", default=[10], help="diffusion steps with guidance")
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--judge", type=Path, default=ROOT / DEFAULT_JUDGE_PATH)
@@ -79,6 +86,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples < 2 * NUM_CLASSES or args.samples % NUM_CLASSES:
         parser.error(f"--samples must be a multiple of {NUM_CLASSES}, at least {2 * NUM_CLASSES}")
+    try:
+        sampler = args.sampler or default_sampler(args.diffusion)
+    except ValueError as error:
+        parser.error(str(error))
     diffusers_logging.disable_progress_bar()
 
     judge = load_judge(args.judge)
@@ -92,16 +103,17 @@ def main(argv=None):
     rows = [{"model": "real held-out (250 vs 250)", "nfe": 0, "seconds_per_image": 0.0, **floor}]
 
     runs = [("GAN-QP", "gan", args.gan, None, None), ("VAE", "vae", args.vae, None, None)]
-    runs += [(f"diffusion DDIM {s}", "diffusion", args.diffusion, s, 1.0) for s in args.steps]
-    runs += [(f"diffusion DDIM {s}, CFG {args.cfg_scale:g}", "diffusion", args.diffusion, s, args.cfg_scale)
-             for s in args.cfg_steps]
+    runs += [(f"{args.diffusion.name} {sampler} {s}", "diffusion", args.diffusion, s, 1.0) for s in args.steps]
+    runs += [(f"{args.diffusion.name} {sampler} {s}, CFG {args.cfg_scale:g}", "diffusion", args.diffusion, s,
+              args.cfg_scale) for s in args.cfg_steps]
     for name, kind, path, steps, guidance in tqdm(runs, desc="models"):
         pipe = load(path)
         started = time.perf_counter()
         if kind == "diffusion":
+            pipe.set_sampler(sampler)
             images = sample_images(pipe, class_labels=labels, seed=args.seed, num_inference_steps=steps,
                                    guidance_scale=guidance)
-            nfe = steps * (1 if guidance == 1.0 else 2)
+            nfe = traced_nfe(pipe.scheduler, steps) * (1 if guidance == 1.0 else 2)
         else:
             images = sample_images(pipe, class_labels=labels, seed=args.seed)
             nfe = 1

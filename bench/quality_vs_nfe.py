@@ -40,7 +40,6 @@ about samples × (ΣNFE + 1000) UNet evaluations: 50 CPU-minutes at 200 samples 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
-from bench.common import machine_info, write_results  # noqa: E402
+from bench.common import machine_info, model_process, write_results  # noqa: E402
 from evaluation.analytic_table import pipeline_eps_second_moment  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge, real_fid_floor  # noqa: E402
 from evaluation.metrics import compute_metrics  # noqa: E402
@@ -74,13 +73,9 @@ BIAS_NOTE = ("feature-FID from N samples is biased upward, more for smaller N: r
              "(this run's), not with FIDs from other sample counts")
 
 
-def model_process(model_dir: Path) -> str:
-    """The process the exported model was trained on (``model_info`` in its ``model_index.json``), if this benchmark
-    covers it."""
-    index_path = Path(model_dir) / "model_index.json"
-    if not index_path.is_file():
-        raise ValueError(f"{model_dir} is not an exported pipeline directory: it has no model_index.json")
-    process = (json.loads(index_path.read_text()).get("model_info") or {}).get("process", "vp")
+def covered_process(model_dir: Path) -> str:
+    """The process the exported model was trained on, if this benchmark covers it."""
+    process = model_process(model_dir)
     if process not in SAMPLERS:
         raise ValueError(f"{model_dir} is a {process!r} model; this benchmark covers {', '.join(SAMPLERS)} models")
     return process
@@ -241,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.nfe) < 1:
         parser.error("--nfe targets must be positive")
     try:
-        process = model_process(args.model)
+        process = covered_process(args.model)
         if args.quick:
             args.samplers = QUICK_SAMPLERS[process]
         args.samplers = args.samplers or list(SAMPLERS[process])

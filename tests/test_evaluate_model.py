@@ -61,19 +61,18 @@ def test_bad_clipping_requests_name_the_problem(flow_pipeline):
 
 
 def test_benchmarks_pick_samplers_by_the_models_process(tmp_path):
+    from bench.common import default_sampler, model_process
+
     quality = _load_bench("quality_vs_nfe")
-    clipping = _load_bench("clipping")
-    assert quality.model_process(FLOW) == "flow"
-    assert quality.model_process(ROOT / "checkpoints" / "mnist-vp") == "vp"
-    assert clipping.default_sampler(FLOW) == "dpmpp-2m" and clipping.default_sampler(ROOT / "checkpoints/mnist-vp") \
-        == "ddim"
+    assert model_process(FLOW) == "flow" and model_process(ROOT / "checkpoints" / "mnist-vp") == "vp"
+    assert default_sampler(FLOW) == "dpmpp-2m" and default_sampler(ROOT / "checkpoints/mnist-vp") == "ddim"
     quality.benchmarked_spec("euler-ancestral", "flow")
     with pytest.raises(ValueError, match="must drive a flow model"):
         quality.benchmarked_spec("ddpm", "flow")
     with pytest.raises(ValueError, match="'pfgmpp' model; this benchmark covers vp, flow"):
-        quality.model_process(ROOT / "checkpoints" / "mnist-pfgmpp")
+        quality.covered_process(ROOT / "checkpoints" / "mnist-pfgmpp")
     with pytest.raises(ValueError, match="no model_index.json"):
-        clipping.default_sampler(tmp_path)
+        default_sampler(tmp_path)
 
 
 def test_clipping_verdict_picks_the_lowest_fid_per_cell():
