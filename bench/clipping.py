@@ -17,12 +17,16 @@ guidance scale, which rule is best on feature-FID and by how much it beats ``non
 
 prints the table and writes bench/results/clipping.json (rewritten after every row) and clipping.png (feature-FID
 per rule, one panel per model). ``--quick`` is a smoke run: 20 samples, 2 steps, one model, into
-clipping-quick.json.
+clipping-quick.json. Models can run as separate processes (``--models checkpoints/mnist-vp --out
+bench/results/clipping-vp.json``) and be joined afterwards:
+
+    python bench/clipping.py --merge bench/results/clipping-flow.json bench/results/clipping-vp.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -75,6 +79,20 @@ def run(args, out: Path) -> dict:
             results["verdict"] = verdicts(results["rows"])
             write_results(out, results)
     return results
+
+
+def merge(paths: list[Path]) -> dict:
+    """One results dict from runs on different models with the same settings (samples, steps, guidance, seed)."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    settings = ("samples", "steps", "guidance", "seed", "rules")
+    for path, other in zip(paths[1:], runs[1:]):
+        differing = [key for key in settings if other[key] != runs[0][key]]
+        if differing:
+            raise ValueError(f"{path} was run with other {', '.join(differing)} than {paths[0]}: only runs with the "
+                             f"same settings merge")
+    merged = {**runs[0], "rows": [row for run in runs for row in run["rows"]], "merged_from": [str(p) for p in paths]}
+    merged["verdict"] = verdicts(merged["rows"])
+    return merged
 
 
 def markdown(results: dict) -> str:
@@ -130,7 +148,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{key} {value}" for key, value in QUICK.items()))
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/clipping.json, -quick.json with --quick)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="join these results files (runs on other models) into --out instead of sampling")
     args = parser.parse_args(argv)
+    out = args.out or RESULTS / ("clipping-quick.json" if args.quick else "clipping.json")
+    if args.merge:
+        try:
+            results = merge(args.merge)
+        except (ValueError, OSError, KeyError) as error:
+            parser.error(f"cannot merge: {error}")
+        write_results(out, results)
+        plot(results, out.with_suffix(".png"))
+        print(markdown(results))
+        return
     if args.quick:
         vars(args).update(QUICK)
     check_positive(parser, args, ("samples", "steps"))
@@ -139,7 +169,6 @@ def main(argv: list[str] | None = None) -> None:
             default_sampler(model)
     except ValueError as error:
         parser.error(str(error))
-    out = args.out or RESULTS / ("clipping-quick.json" if args.quick else "clipping.json")
     diffusers_logging.disable_progress_bar()
     try:
         results = run(args, out)

@@ -2,6 +2,7 @@
 raw output under strong guidance; bench/quality_vs_nfe.py and bench/clipping.py read the model's process."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -82,3 +83,20 @@ def test_clipping_verdict_picks_the_lowest_fid_per_cell():
     assert clipping.verdicts(rows) == [
         {"model": "m", "guidance": 1, "best_rule": "none", "feature_fid_change": 0.0, "accuracy_change": 0.0},
         {"model": "m", "guidance": 3, "best_rule": "clip", "feature_fid_change": -3.0, "accuracy_change": 0.0}]
+
+
+def test_clipping_runs_on_separate_models_merge_and_mismatched_settings_do_not(tmp_path):
+    clipping = _load_bench("clipping")
+    settings = {"samples": 300, "steps": 20, "guidance": [1.0], "seed": 0, "rules": ["none", "clip"]}
+    paths = []
+    for model, fids in [("a", (2.0, 1.5)), ("b", (3.0, 4.0))]:
+        rows = [{"model": model, "guidance": 1.0, "rule": rule, "feature_fid": fid, "accuracy": 0.9}
+                for rule, fid in zip(settings["rules"], fids)]
+        paths.append(tmp_path / f"{model}.json")
+        paths[-1].write_text(json.dumps({**settings, "rows": rows, "verdict": []}))
+    merged = clipping.merge(paths)
+    assert [row["model"] for row in merged["rows"]] == ["a", "a", "b", "b"]
+    assert [(v["model"], v["best_rule"]) for v in merged["verdict"]] == [("a", "clip"), ("b", "none")]
+    paths[1].write_text(json.dumps({**settings, "steps": 25, "rows": [], "verdict": []}))
+    with pytest.raises(ValueError, match="b.json was run with other steps"):
+        clipping.merge(paths)
