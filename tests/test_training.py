@@ -248,6 +248,21 @@ def test_resume_falls_back_past_a_checkpoint_without_its_marker(reference, tmp_p
     assert_same_run(output_dir, reference)
 
 
+def test_a_finished_run_re_exports_half_precision_weights_that_load_as_float32(reference, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference, output_dir)
+    run(training_command(output_dir, "--resume", "latest", "--export-dtype", "float16", "--export",
+                         str(tmp_path / "half")))
+    stored = load_file(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors")
+    full = load_file(reference / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+    assert all(torch.equal(stored[name], full[name].half()) for name in full)
+    unet = DiffusionImagePipeline.from_pretrained(tmp_path / "half").unet
+    assert next(unet.parameters()).dtype == torch.float32
+    size = (tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size < 0.6 * (reference / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+
+
 def test_two_processes_split_each_global_batch(reference, tmp_path):
     """2 processes × batch 4 train on the two halves of the reference's global batches of 8: same run."""
     output_dir = tmp_path / "run"

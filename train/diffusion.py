@@ -19,12 +19,12 @@ step: step, loss, lr, grad_norm — the app reads it for live loss curves), Tens
 tensorboard is installed (the same scalars, plus an EMA sample grid of ``--sample-steps`` sampler steps every
 ``--sample-every`` steps, also saved as ``samples/step-STEP.png``), ``checkpoint-STEP/`` every
 ``--checkpoint-every`` steps and at the end (see ``train.checkpointing``; the last ``--keep-checkpoints`` are
-kept), and the exported pipeline (EMA weights, ``model/`` unless ``--export DIR``). ``--resume latest``
-continues from the newest complete checkpoint and truncates ``metrics.jsonl`` to it; resuming a finished run
-only exports it again. SIGTERM or SIGINT (the app's Stop, Ctrl-C, a cluster's preemption notice) finishes the
-current step, writes a checkpoint there and exits without exporting: nothing is lost, and ``--resume latest``
-continues exactly. All of this is ``train.run``'s (data order: ``train.batch_order``); this module supplies the
-UNet, the objective and the step.
+kept), and the exported pipeline (EMA weights, as ``--export-dtype``, ``model/`` unless ``--export DIR``).
+``--resume latest`` continues from the newest complete checkpoint and truncates ``metrics.jsonl`` to it; resuming a
+finished run only exports it again. SIGTERM or SIGINT (the app's Stop, Ctrl-C, a cluster's preemption notice)
+finishes the current step, writes a checkpoint there and exits without exporting: nothing is lost, and
+``--resume latest`` continues exactly. All of this is ``train.run``'s (data order: ``train.batch_order``); this
+module supplies the UNet, the objective and the step.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ PREVIEW_GUIDANCE = 3.0
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+# --export-dtype: what the exported UNet's safetensors hold (the shipped checkpoints' size budget; README)
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.diffusion", description=__doc__.splitlines()[0])
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--timestep-sampling", default="uniform", choices=TIMESTEP_SAMPLINGS)
     model.add_argument("--model", default="small", choices=list(UNET_CONFIGS), help="models.unet.UNET_CONFIGS name")
     model.add_argument("--label-dropout", type=float, default=0.1, help="probability of training on the null class")
+    model.add_argument("--export-dtype", choices=list(EXPORT_DTYPES), default="float32",
+                       help="dtype of the exported UNet weights: float16 halves the file (diffusers loads it as "
+                            "float32); training and checkpoints stay float32")
     process = parser.add_argument_group("process options (only the objectives that have them use them)")
     process.add_argument("--pfgm-D", "--D", dest="pfgm_D", type=int, default=128,
                          help="pfgmpp: extra dimensions D (1 = PFGM, larger → EDM; --objective edm is D = ∞)")
@@ -190,7 +196,9 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
         return ema_pipeline(ema, unwrapped.config, objective, info)
 
     def export(directory: Path, step: int) -> None:
-        pipeline(step).save_pretrained(directory, safe_serialization=True)
+        exported = pipeline(step)
+        exported.unet.to(EXPORT_DTYPES[args.export_dtype])
+        exported.save_pretrained(directory, safe_serialization=True)
 
     preview_kwargs = {"num_inference_steps": args.sample_steps,
                       **({"guidance_scale": PREVIEW_GUIDANCE} if run.num_classes else {})}
