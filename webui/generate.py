@@ -169,11 +169,12 @@ def build(catalog: models.ModelCatalog) -> dict:
             # the model-dependent choices take any value (an API call may name another model's): parse_job checks
             w["sampler"] = gr.Dropdown(offered, value=models.default_sampler(offered), label="sampler",
                                        info="only the samplers that can drive this model", allow_custom_value=True)
-            w["steps"] = gr.Slider(1, MAX_STEPS, value=25, step=1, label="steps")
+            w["steps"] = gr.Slider(1, MAX_STEPS, value=models.DEFAULT_STEPS, step=1, label="steps")
             w["noise"] = gr.Slider(step=0.05, **noise_settings(models.default_sampler(offered)))
             with gr.Row():
                 w["guidance_mode"] = gr.Dropdown(modes, value=modes[-1], label="guidance", allow_custom_value=True)
-                w["guidance_scale"] = gr.Slider(0.0, 20.0, value=2.0, step=0.5, label="guidance scale")
+                w["guidance_scale"] = gr.Slider(0.0, 20.0, value=models.DEFAULT_GUIDANCE, step=0.5,
+                                                     label="guidance scale")
             w["reference"] = gr.Image(label="reference image (similarity guidance)", type="pil", visible=False)
             w["class_name"] = gr.Dropdown(classes, value=classes[0], label="class", allow_custom_value=True)
             with gr.Accordion("img2img / SDEdit", open=False):

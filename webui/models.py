@@ -29,6 +29,10 @@ from schedulers.tuning import load_tuned, tuned_schedulers
 from webui.validation import inside
 
 DEFAULT_MODEL = "mnist-flow"  # the best shipped model (checkpoints/mnist-flow/README.md)
+# The Generate tab's starting steps and guidance scale: on mnist-flow, dpmpp-2m at 20 steps and guidance 1 gives the
+# lowest feature-FID (1.08) at the real digits' judge accuracy (97.7%, real 98.6%) for one network call per step;
+# guidance 1.5 / 2 / 3 reach 100% but at feature-FID 4.8 / 8.1 / 11.5 (300 samples; checkpoints/mnist-flow/README.md)
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 1.0
 UNCONDITIONAL = "none (unconditional)"
 EVERY_CLASS = "every class in turn"
 DEFAULT_BACKEND = "default"
