@@ -277,11 +277,14 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
             kwargs["generator"] = generator
         return kwargs
 
-    def _initial_sample(self, shape, latents, generator) -> torch.Tensor:
+    def _initial_sample(self, shape, latents, generator, labels) -> torch.Tensor:
         """x_T: the scheduler's own prior (``sample_prior``, e.g. PFGM++'s heavy-tailed one, UDM's degraded
-        image) when it has one and no ``latents`` are given, else Gaussian noise × ``init_noise_sigma``."""
+        image, given the class ``labels`` where its law depends on the class) when it has one and no ``latents``
+        are given, else Gaussian noise × ``init_noise_sigma``."""
         if latents is None and hasattr(self.scheduler, "sample_prior"):
-            return self.scheduler.sample_prior(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+            by_class = "class_labels" in inspect.signature(self.scheduler.sample_prior).parameters
+            return self.scheduler.sample_prior(shape, generator=generator, device=self.device, dtype=self.unet.dtype,
+                                               **({"class_labels": labels} if by_class else {}))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         # diffusers' flow-matching schedulers (FlowMatchEulerDiscreteScheduler …) have no init_noise_sigma and no
@@ -428,7 +431,7 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         if image is None:
-            timesteps, sample = self.scheduler.timesteps, self._initial_sample(shape, latents, generator)
+            timesteps, sample = self.scheduler.timesteps, self._initial_sample(shape, latents, generator, labels)
         else:
             timesteps, sample = self._noised_image(image, t_start, shape, latents, generator)
         nfe = 0

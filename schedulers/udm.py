@@ -110,9 +110,10 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {t.tolist()} is not in this scheduler's timesteps {self.timesteps.tolist()}")
         return matches[0]
 
-    def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        """x_T drawn from the operator's prior (``UDMOperator.prior``); the pipeline starts from it."""
-        return self.operator.prior(shape, generator, device, dtype)
+    def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32, class_labels=None) -> torch.Tensor:
+        """x_T drawn from the operator's prior (``UDMOperator.prior``; blur's colour law is per class when
+        ``class_labels`` are given and the config has a table); the pipeline starts from it."""
+        return self.operator.prior(shape, generator, device, dtype, class_labels)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample

@@ -41,7 +41,7 @@ def test_the_inherited_config_keys_are_the_ones_shipped_models_carry():
     assert set(CONFIG_KEYS) == {
         "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
         "timestep_spacing", "steps_offset", "model_process", "pfgm_D",
-        "udm_operator", "udm_noise", "udm_prior_mean", "udm_prior_std"}
+        "udm_operator", "udm_noise", "udm_prior_mean", "udm_prior_std", "udm_prior_class_mean", "udm_prior_class_std"}
 
 
 def vp_process(prediction_type):

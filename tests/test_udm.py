@@ -149,6 +149,43 @@ def test_objective_trains_x0_on_the_operator_and_records_the_prior_colour():
         make_objective("udm-mask", udm_loss="huber")
 
 
+def test_objective_records_the_prior_colour_per_class_once_every_class_is_seen():
+    objective = make_objective("udm-blur", label_dropout=0.5, null_class_id=3)
+    x0 = torch.rand(60, 1, 8, 8, generator=seeded(7)) * 2 - 1
+    labels = torch.arange(60) % 3
+    x0 = x0 + labels[:, None, None, None] * 0.1  # class c one tenth brighter per class
+    objective.sample(x0[labels < 2], labels[labels < 2], seeded(8))
+    assert objective.scheduler_config()["udm_prior_class_mean"] is None  # class 2 not seen yet
+    objective.sample(x0[labels == 2], labels[labels == 2], seeded(9))
+    config = objective.scheduler_config()
+    colours = x0.double().mean(dim=(1, 2, 3))
+    for c in range(3):  # before label dropout: every image counts for its own class
+        assert config["udm_prior_class_mean"][c][0] == pytest.approx(colours[labels == c].mean().item(), abs=1e-9)
+        assert config["udm_prior_class_std"][c][0] == pytest.approx(colours[labels == c].std(unbiased=False).item(),
+                                                                    abs=1e-9)
+    assert config["udm_prior_mean"][0] == pytest.approx(colours.mean().item(), abs=1e-9)
+    resumed = make_objective("udm-blur", null_class_id=3)
+    resumed.load_state_dict(objective.state_dict())
+    assert resumed.scheduler_config() == config
+
+
+def test_blur_prior_draws_each_class_colour_and_the_global_one_without_a_class():
+    operator = UDMOperator("blur", 10, noise=0.0, prior_mean=[0.0], prior_std=[0.5],
+                           prior_class_mean=[[-0.9], [0.4]], prior_class_std=[[0.01], [0.02]])
+    labels = torch.tensor([0, 1, 2] * 400)  # 2: the null class, outside the table
+    prior = operator.prior((1200, 1, 4, 4), generator=seeded(0), class_labels=labels)
+    colour = prior[:, 0, 0, 0]
+    assert torch.equal(prior, colour[:, None, None, None].expand_as(prior))  # flat, as F_T(x0)
+    for label, mean, std in [(0, -0.9, 0.01), (1, 0.4, 0.02), (2, 0.0, 0.5)]:
+        assert colour[labels == label].mean().item() == pytest.approx(mean, abs=4 * std / 20)
+        assert colour[labels == label].std().item() == pytest.approx(std, rel=0.1)
+    unconditional = operator.prior((1200, 1, 4, 4), generator=seeded(0))
+    assert unconditional[:, 0, 0, 0].std().item() == pytest.approx(0.5, rel=0.1)
+    with pytest.raises(ValueError, match="udm_prior_class_mean"):
+        UDMOperator("blur", 10, prior_mean=[0.0], prior_std=[0.5], prior_class_mean=[[0.0, 1.0]],
+                    prior_class_std=[[0.1, 0.1]]).prior((2, 1, 4, 4), class_labels=torch.tensor([0, 0]))
+
+
 def test_udm_samplers_are_offered_only_to_udm_models():
     assert schedulers.samplers_for("udm-blur") == ["udm-improved", "udm-invertible", "udm-naive"]
     assert not {"udm-naive", "udm-improved"} & set(schedulers.samplers_for("vp"))
@@ -162,6 +199,8 @@ def test_trained_udm_blur_model_exports_a_pipeline_that_samples_with_every_rule(
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.model_info["process"] == "udm-blur" and pipe.config.model_info["udm_loss"] == "l1"
     assert pipe.scheduler.config.udm_rule == "improved" and len(pipe.scheduler.config.udm_prior_mean) == 1
+    class_mean = pipe.scheduler.config.udm_prior_class_mean  # the blur prior's colour per class (MNIST's ten)
+    assert len(class_mean) == 10 and all(len(row) == 1 for row in class_mean)
     outputs = {}
     for rule in schedulers.samplers_for("udm-blur", pipe.scheduler.config):
         pipe.scheduler = schedulers.get_sampler(rule).create(pipe.scheduler.config)

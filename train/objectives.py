@@ -405,7 +405,8 @@ class UDMObjective(Objective):
     operator at t ~ U{1, …, T}, loss ‖x0 − G(x_t, t)‖ in L1 (cold diffusion's, Su part 11) or L2.
 
     The blur operator's prior needs the law of F_T(x0) = x0's mean colour; the objective keeps running sums of
-    the per-channel means of the batches it sees (checkpointed) and ships their mean and standard deviation.
+    the per-channel means of the batches it sees (checkpointed), over all images and per class label, and ships
+    their means and standard deviations (``UDMOperator.prior`` says why the class matters).
     """
 
     prediction_type = "sample"
@@ -424,17 +425,28 @@ class UDMObjective(Objective):
         self.num_train_timesteps = num_train_timesteps or (1000 if operator == "noise" else 200)
         self.udm_loss, self.udm_noise = udm_loss, udm_noise
         self.colour_sums = torch.zeros(3, 0, dtype=torch.float64)  # (count, Σ mean, Σ mean²) per channel
+        self.class_colour_sums = torch.zeros(0, 3, 0, dtype=torch.float64)  # the same per class label
         self.forward_process = UDMProcess.from_config(self.make_scheduler().config)  # validated by the scheduler
 
     def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
         t = torch.randint(1, self.num_train_timesteps + 1, (len(x0),), generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         example = self.forward_process.training_example(x0, noise, t)
-        colours = x0.detach().double().mean(dim=(2, 3)).cpu()  # (B, C)
-        if self.colour_sums.shape[1] == 0:
-            self.colour_sums = torch.zeros(3, x0.shape[1], dtype=torch.float64)
-        self.colour_sums += torch.stack([torch.full_like(colours[0], len(x0)), colours.sum(0), colours.pow(2).sum(0)])
+        self._record_colours(x0.detach().double().mean(dim=(2, 3)).cpu(), labels)
         return self.batch(example, labels, generator)
+
+    def _record_colours(self, colours: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Add a batch's (B, C) mean colours to the running sums, and to its labels' rows (labels before dropout)."""
+        channels = colours.shape[1]
+        if self.colour_sums.shape[1] == 0:
+            self.colour_sums = torch.zeros(3, channels, dtype=torch.float64)
+        terms = torch.stack([torch.ones_like(colours), colours, colours.pow(2)], dim=1)  # (B, 3, C)
+        self.colour_sums += terms.sum(0)
+        if labels is None or self.null_class_id is None:
+            return
+        if self.class_colour_sums.shape[0] == 0:
+            self.class_colour_sums = torch.zeros(self.null_class_id, 3, channels, dtype=torch.float64)
+        self.class_colour_sums.index_add_(0, labels.cpu().long(), terms)
 
     def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 as the base class's; L1: mean_i w_i · mean_pixels |f_i − y_i|."""
@@ -447,25 +459,42 @@ class UDMObjective(Objective):
         return (batch.loss_weight.to(per_sample.device) * per_sample).mean(), per_sample.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"colour_sums": self.colour_sums.clone()}
+        return {"colour_sums": self.colour_sums.clone(), "class_colour_sums": self.class_colour_sums.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.colour_sums = state["colour_sums"].clone()
+        # a run checkpointed before the per-class sums existed restarts them (the global law is kept meanwhile)
+        self.class_colour_sums = state.get("class_colour_sums", torch.zeros(0, 3, 0, dtype=torch.float64)).clone()
+
+    @staticmethod
+    def _law(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation from (…, 3, C) sums of (count, Σ x, Σ x²)."""
+        count, total, squares = sums.unbind(-2)
+        mean = total / count
+        return mean, (squares / count - mean**2).clamp(min=0).sqrt()
 
     def prior_colour(self) -> tuple[list[float] | None, list[float] | None]:
         """Mean and standard deviation of the per-channel mean colour seen so far (None before any batch)."""
         if self.colour_sums.shape[1] == 0:
             return None, None
-        count, total, squares = self.colour_sums
-        mean = total / count
-        return mean.tolist(), (squares / count - mean**2).clamp(min=0).sqrt().tolist()
+        mean, std = self._law(self.colour_sums)
+        return mean.tolist(), std.tolist()
+
+    def class_prior_colour(self) -> tuple[list[list[float]] | None, list[list[float]] | None]:
+        """The same per class label, one row each; None unless every class has been seen."""
+        if self.class_colour_sums.shape[0] == 0 or (self.class_colour_sums[:, 0] == 0).any():
+            return None, None
+        mean, std = self._law(self.class_colour_sums)
+        return mean.tolist(), std.tolist()
 
     def scheduler_config(self) -> dict[str, Any]:
         operator = self.process.removeprefix("udm-")
         mean, std = self.prior_colour()
+        class_mean, class_std = self.class_prior_colour()
         return {"num_train_timesteps": self.num_train_timesteps, "udm_operator": operator,
                 "udm_noise": self.udm_noise, "udm_rule": "invertible" if operator == "noise" else "improved",
-                "udm_prior_mean": mean, "udm_prior_std": std, "prediction_type": self.prediction_type}
+                "udm_prior_mean": mean, "udm_prior_std": std, "udm_prior_class_mean": class_mean,
+                "udm_prior_class_std": class_std, "prediction_type": self.prediction_type}
 
     def make_scheduler(self):
         return UDMScheduler(**self.scheduler_config())

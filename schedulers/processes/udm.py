@@ -62,7 +62,7 @@ class UDMOperator:
     """F_t(x0, ε) = A_t x0 + s_t ε for one of ``OPERATORS`` on T steps; ``t`` is a (B,) integer tensor."""
 
     def __init__(self, name: str, num_train_timesteps: int, noise: float = 0.01, schedule: VPSchedule | None = None,
-                 prior_mean=None, prior_std=None):
+                 prior_mean=None, prior_std=None, prior_class_mean=None, prior_class_std=None):
         if name not in OPERATORS:
             raise ValueError(f"unknown UDM operator {name!r}; choose one of {OPERATORS}")
         if num_train_timesteps < 1:
@@ -73,6 +73,7 @@ class UDMOperator:
             raise ValueError("the noise operator needs the VP schedule of num_train_timesteps steps")
         self.name, self.T, self.noise, self.schedule = name, num_train_timesteps, noise, schedule
         self.prior_mean, self.prior_std = prior_mean, prior_std
+        self.prior_class_mean, self.prior_class_std = prior_class_mean, prior_class_std
         steps = torch.arange(num_train_timesteps, dtype=torch.float64) / max(num_train_timesteps - 1, 1)
         self.blur_sigmas = BLUR_SIGMA_MIN * (BLUR_SIGMA_MAX / BLUR_SIGMA_MIN) ** steps  # σ_B(1) … σ_B(T)
 
@@ -154,23 +155,48 @@ class UDMOperator:
             return float(eta * (1 - (alpha_t / alpha_s) ** 2).sqrt() / self.noise_scale(t))
         return float(eta)
 
-    def prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    def prior(self, shape, generator=None, device=None, dtype=torch.float32, class_labels=None) -> torch.Tensor:
         """x_T ~ F_T(x0, ε): N(0, I) for noise (ᾱ_T x0 dropped, as DDPM), the mask value plus noise for mask,
-        a constant colour drawn from N(prior_mean, prior_std²) per channel plus noise for blur (F_T(x0) is x0's
-        mean colour: the objective records its statistics), and identity's is Gaussian (a test case only)."""
+        a constant colour plus noise for blur, and identity's is Gaussian (a test case only).
+
+        Blur's colour: F_T(x0) is x0's mean colour, and the heat equation keeps the mean (its DCT mode (0, 0) has
+        factor 1), and so do the improved and invertible rules (x_s − x_t is a difference of blurs of x̂0): the
+        sample's mean colour is the prior's. It is drawn from N(μ_c, s_c²) per channel for an image of class c
+        (``prior_class_mean``/``_std``, one row per class, from the training images of that class), or from the
+        statistics of all classes (``prior_mean``/``_std``) for an unconditional image, a label outside the table,
+        or a model with no table. A single law for every class makes a 1 with a 0's ink, which the network can
+        only turn into a wrong digit.
+        """
         eps = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float64)
         if self.name in ("noise", "identity"):
             return eps.to(dtype)
         if self.name == "mask":
             return (MASK_VALUE + self.noise * eps).to(dtype)
+        mean, std = self._colour_law(shape, class_labels, eps.device)
+        colour = randn_tensor((shape[0], shape[1], 1, 1), generator=generator, device=device, dtype=torch.float64)
+        return (mean[:, :, None, None] + std[:, :, None, None] * colour + self.noise * eps).to(dtype)
+
+    def _colour_law(self, shape, class_labels, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) mean and standard deviation of each image's prior colour (see ``prior``)."""
         if self.prior_mean is None or self.prior_std is None:
             raise ValueError("the blur operator's prior needs udm_prior_mean and udm_prior_std (per channel)")
-        mean = torch.as_tensor(self.prior_mean, dtype=torch.float64, device=eps.device)
-        std = torch.as_tensor(self.prior_std, dtype=torch.float64, device=eps.device)
-        if len(mean) != shape[1] or len(std) != shape[1]:
-            raise ValueError(f"udm_prior_mean/std have {len(mean)}/{len(std)} channels, the images {shape[1]}")
-        colour = randn_tensor((shape[0], shape[1], 1, 1), generator=generator, device=device, dtype=torch.float64)
-        return (mean[:, None, None] + std[:, None, None] * colour + self.noise * eps).to(dtype)
+        mean = torch.as_tensor(self.prior_mean, dtype=torch.float64, device=device).reshape(1, -1)
+        std = torch.as_tensor(self.prior_std, dtype=torch.float64, device=device).reshape(1, -1)
+        if mean.shape[1] != shape[1] or std.shape[1] != shape[1]:
+            raise ValueError(f"udm_prior_mean/std have {mean.shape[1]}/{std.shape[1]} channels, the images {shape[1]}")
+        mean, std = mean.expand(shape[0], -1), std.expand(shape[0], -1)
+        if class_labels is None or self.prior_class_mean is None or self.prior_class_std is None:
+            return mean, std
+        class_mean = torch.as_tensor(self.prior_class_mean, dtype=torch.float64, device=device)
+        class_std = torch.as_tensor(self.prior_class_std, dtype=torch.float64, device=device)
+        if class_mean.shape != class_std.shape or class_mean.ndim != 2 or class_mean.shape[1] != shape[1]:
+            raise ValueError(f"udm_prior_class_mean/std must be (classes, {shape[1]}) tables, got "
+                             f"{tuple(class_mean.shape)} and {tuple(class_std.shape)}")
+        labels = torch.as_tensor(class_labels, device=device).long().reshape(-1).expand(shape[0])
+        known = (labels >= 0) & (labels < len(class_mean))
+        rows = labels.clamp(0, len(class_mean) - 1)
+        return (torch.where(known[:, None], class_mean[rows], mean),
+                torch.where(known[:, None], class_std[rows], std))
 
 
 
@@ -180,7 +206,8 @@ class UDMProcess(Process):
 
     operator_name: str
     config_defaults = {**SCHEDULE_DEFAULTS, "num_train_timesteps": 200, "prediction_type": "sample",
-                       "udm_operator": "blur", "udm_noise": 0.01, "udm_prior_mean": None, "udm_prior_std": None}
+                       "udm_operator": "blur", "udm_noise": 0.01, "udm_prior_mean": None, "udm_prior_std": None,
+                       "udm_prior_class_mean": None, "udm_prior_class_std": None}
 
     def __init__(self, operator: UDMOperator):
         self.operator = operator
@@ -190,7 +217,8 @@ class UDMProcess(Process):
         name = config["udm_operator"]
         schedule = VPSchedule.from_config(config) if name == "noise" else None
         return cls(UDMOperator(name, config["num_train_timesteps"], config["udm_noise"], schedule,
-                               config.get("udm_prior_mean"), config.get("udm_prior_std")))
+                               config.get("udm_prior_mean"), config.get("udm_prior_std"),
+                               config.get("udm_prior_class_mean"), config.get("udm_prior_class_std")))
 
     def training_example(self, x0, noise, time) -> TrainingExample:
         """``time``: integer steps t ∈ {1, …, T}, (B,)."""
