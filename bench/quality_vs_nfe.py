@@ -114,7 +114,8 @@ def run(args, process: str, out: Path) -> dict:
     results = {"benchmark": "quality_vs_nfe", **machine_info(), "model": str(args.model),
                "process": process, "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0,
                "nfe_targets": args.nfe,
-               "samplers": args.samplers, "note": BIAS_NOTE, "real_fid_floor": real_fid_floor(judge),
+               "samplers": args.samplers, "plot": out.with_suffix(".png").name, "note": BIAS_NOTE,
+               "real_fid_floor": real_fid_floor(judge),
                "reference": None, "analytic_table": None, "rows": []}
 
     table = None
@@ -174,7 +175,7 @@ def markdown(results: dict) -> str:
         table = results["analytic_table"]
         lines += ["", f"`analytic-ddpm` uses an E‖ε_θ‖²/d table estimated in the run ({table['measured_timesteps']} "
                   f"timesteps × {table['images_per_timestep']} {table['split']} images, {table['seconds']:.0f} s)."]
-    lines += ["", "![feature-FID against NFE](../bench/results/quality_vs_nfe.png)"]
+    lines += ["", f"![feature-FID against NFE](../bench/results/{results.get('plot', 'quality_vs_nfe.png')})"]
     return "\n".join(lines)
 
 

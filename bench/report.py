@@ -35,11 +35,13 @@ QUICK_PAGE = RESULTS / "benchmarks-quick.md"
 @dataclass(frozen=True)
 class Benchmark:
     """A script ``bench/NAME.py``, the commands (argument lists, run in order) that reproduce its committed
-    ``results`` JSON, and tiny ones for ``--quick`` that write ``NAME-quick.json`` (None: it cannot run small
-    without overwriting its committed results, ``quick_skip`` says why)."""
+    ``results`` JSON (``NAME.json``, or ``NAME-VARIANT.json`` for a second run of the same script on other
+    settings), and tiny ones for ``--quick`` that write ``NAME-quick.json`` (None: it cannot run small without
+    overwriting its committed results, ``quick_skip`` says why)."""
 
     name: str
     commands: tuple[tuple[str, ...], ...] = ((),)
+    variant: str = ""
     quick: tuple[tuple[str, ...], ...] | None = (("--quick",),)
     quick_skip: str = ""
     needs_cuda: bool = False
@@ -51,7 +53,7 @@ class Benchmark:
 
     @property
     def results(self) -> Path:
-        return RESULTS / f"{self.name}.json"
+        return RESULTS / (f"{self.name}-{self.variant}.json" if self.variant else f"{self.name}.json")
 
     @property
     def quick_results(self) -> Path:
@@ -61,8 +63,15 @@ class Benchmark:
 BENCHMARKS = (
     Benchmark("samplers", commands=(("--search",), ())),
     Benchmark("quality_vs_nfe"),
+    Benchmark("quality_vs_nfe", variant="flow", quick=None, quick_skip="the first quality_vs_nfe entry smoke-tests "
+              "the script", commands=(("--model", "checkpoints/mnist-flow", "--samples", "200", "--nfe", "10", "20",
+                                       "--samplers", "euler-ancestral", "dpmpp-2m", "--reference-steps", "1000",
+                                       "--out", "bench/results/quality_vs_nfe-flow.json"),)),
     Benchmark("tuning", commands=(("--samples", "500", "--reference-steps", "100"),)),
-    Benchmark("clipping"),
+    Benchmark("clipping", commands=tuple(
+        ("--models", f"checkpoints/{model}", "--samples", "300", "--guidance", "1", "2", "3", "--out",
+         f"bench/results/clipping-{name}.json") for model, name in (("mnist-flow", "flow"), ("mnist-vp-v", "vp")))
+        + (("--merge", "bench/results/clipping-flow.json", "bench/results/clipping-vp.json"),)),
     Benchmark("guidance", commands=(
         ("--samples", "1000", "--steps", "25", "--scales", "0", "1", "2", "3", "4", "8", "--modes", "classifier-free",
          "--name", "guidance-cfg"),
@@ -141,7 +150,8 @@ def section(benchmark: Benchmark, results_path: Path) -> str:
     module = load_script(benchmark)
     what = " ".join(module.__doc__.strip().split("\n\n")[0].split())
     commands = "; ".join(f"`{command_line(benchmark, arguments)}`" for arguments in benchmark.commands)
-    lines = [f"## `bench/{benchmark.name}.py`", "", what, ""]
+    title = f"`bench/{benchmark.name}.py`" + (f", {benchmark.variant}" if benchmark.variant else "")
+    lines = [f"## {title}", "", what, ""]
     if benchmark.note:
         lines += [benchmark.note, ""]
     if not results_path.is_file():
@@ -158,7 +168,8 @@ def render(quick: bool = False) -> str:
     """The page: the committed results, or with ``quick`` each ``NAME-quick.json`` where one exists."""
     sections = []
     for benchmark in available():
-        path = benchmark.quick_results if quick and benchmark.quick_results.is_file() else benchmark.results
+        small = quick and benchmark.quick is not None and benchmark.quick_results.is_file()
+        path = benchmark.quick_results if small else benchmark.results
         sections.append(section(benchmark, path))
     return "\n\n".join([HEADER, *sections]) + "\n"
 
