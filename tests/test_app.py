@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 
 import app
+import schedulers
 from pipelines.loading import check_pipeline_dir, load_pipeline, pipeline_classes
 from tests.app_helpers import EXACT, GENERATE, make_catalog, make_model_root
 from webui import compare, evaluate, generate, models
@@ -193,6 +194,15 @@ def test_model_change_updates_the_widgets(catalog):
     assert sampler["value"] == "ddim" and "analytic-ddpm" not in sampler["choices"]
     assert classes["choices"] == [models.UNCONDITIONAL] and mode["choices"] == ["none"]
     assert "toy" in about
+
+
+def test_the_steps_slider_starts_at_the_samplers_fewest_steps(catalog):
+    least = schedulers.get_sampler("sde-euler-maruyama").min_steps()
+    assert least > 4  # a reference discretization that needs many steps (its spec's min_nfe)
+    update = generate.steps_update(catalog, "tiny-uncond", "sde-euler-maruyama", 4)
+    assert update["minimum"] == least and update["value"] == least
+    assert generate.steps_update(catalog, "tiny-uncond", "sde-euler-maruyama", least + 3)["value"] == least + 3
+    assert generate.steps_update(catalog, "tiny-uncond", "ddim", 4) == {"__type__": "update", "minimum": 1, "value": 4}
 
 
 # ------------------------------------------------------------------------------------------------ Compare

@@ -150,6 +150,19 @@ def noise_update(sampler):
     return gr.update(**noise_settings(sampler))
 
 
+def steps_update(catalog: models.ModelCatalog, name, sampler, steps):
+    """The steps slider for ``sampler`` on model ``name``: it starts at the fewest steps the sampler's spec allows
+    (``min_steps``, from its ``min_nfe``) and a value below that rises to it; a tuned sampler shows the steps it
+    was tuned for."""
+    if not sampler:
+        return gr.update()
+    loaded = catalog.load(name)
+    if models.is_tuned(sampler):
+        return gr.update(minimum=1, value=models.tuned_scheduler(loaded, sampler)[1])
+    least = schedulers.get_sampler(sampler).min_steps(loaded.scheduler_config) or 1
+    return gr.update(minimum=least, value=max(int(steps), least))
+
+
 def build(catalog: models.ModelCatalog) -> dict:
     """The Generate tab's widgets; the Compare tab takes them as its base settings."""
     default = catalog.default()
@@ -207,7 +220,9 @@ def wire(catalog: models.ModelCatalog, w: dict) -> None:
                       [w["sampler"], w["steps"], w["noise"], w["guidance_mode"], w["class_name"], w["backend"],
                        w["about"]], api_name="select_model")
     w["refresh"].click(lambda: gr.update(choices=list(catalog.listed())), None, w["model"], api_name=False)
-    w["sampler"].change(noise_update, w["sampler"], w["noise"], api_name=False)
+    w["sampler"].change(lambda name, sampler, steps: (noise_update(sampler),
+                                                      steps_update(catalog, name, sampler, steps)),
+                        [w["model"], w["sampler"], w["steps"]], [w["noise"], w["steps"]], api_name=False)
     w["guidance_mode"].change(lambda mode: gr.update(visible=mode in models.NEEDS_REFERENCE), w["guidance_mode"],
                               w["reference"], api_name=False)
     inputs = [w[k] for k in INPUTS]
