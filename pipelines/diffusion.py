@@ -282,9 +282,8 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
         image, given the class ``labels`` where its law depends on the class) when it has one and no ``latents``
         are given, else Gaussian noise × ``init_noise_sigma``."""
         if latents is None and hasattr(self.scheduler, "sample_prior"):
-            by_class = "class_labels" in inspect.signature(self.scheduler.sample_prior).parameters
             return self.scheduler.sample_prior(shape, generator=generator, device=self.device, dtype=self.unet.dtype,
-                                               **({"class_labels": labels} if by_class else {}))
+                                               class_labels=labels)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         # diffusers' flow-matching schedulers (FlowMatchEulerDiscreteScheduler …) have no init_noise_sigma and no

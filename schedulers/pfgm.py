@@ -94,8 +94,9 @@ class PFGMppScheduler(ProbabilityFlowScheduler):
         check_extra_dims(self.config.pfgm_D)
         self._init_sigma_space()
 
-    def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        """x_T on the heavy-tailed PFGM++ prior at σ_max, the first σ of the current grid."""
+    def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32, class_labels=None) -> torch.Tensor:
+        """x_T on the heavy-tailed PFGM++ prior at σ_max, the first σ of the current grid; the same for every class
+        (``class_labels``, part of the ``sample_prior`` protocol, plays no part)."""
         return pfgmpp_noise(shape, float(self.sigmas[0]), self.config.pfgm_D, generator, device, dtype)
 
 
