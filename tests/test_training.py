@@ -294,3 +294,15 @@ def test_exported_pipeline_loads_and_generates(reference):
     assert output.images.shape == (4, 1, 16, 16) and output.nfe == 6
     assert torch.isfinite(output.images).all()
     assert (reference / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_init_from_copies_an_exported_unet_and_names_a_mismatch(reference):
+    from models.unet import build_unet
+    from train.diffusion import load_initial_weights
+
+    model = build_unet("tiny", 16, 1, num_classes=10)
+    load_initial_weights(model, reference / "model")
+    exported = load_file(reference / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(value, exported[name].float()) for name, value in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"class_embedding.weight has shape \(11, 32\) there, \(6, 32\) here"):
+        load_initial_weights(build_unet("tiny", 16, 1, num_classes=5), reference / "model")

@@ -51,7 +51,7 @@ LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-dec
 # passed to (and kept invariant by) the objectives that take them
 PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma")
 # What a resumed run must share with the checkpoint's run, besides train.run.COMMON_INVARIANTS and PROCESS_OPTIONS.
-RESUME_INVARIANTS = ("objective", "timestep_sampling", "model", "label_dropout", "grad_accum")
+RESUME_INVARIANTS = ("objective", "timestep_sampling", "model", "label_dropout", "grad_accum", "init_from")
 NOISE_STREAM = 1  # the random stream of the noise, timesteps and label dropout (train.batch_order)
 PREVIEW_STEPS = 25
 PREVIEW_GUIDANCE = 3.0
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--udm-loss", choices=["l1", "l2"], default="l1", help="udm-*: the x0 regression's norm")
     process.add_argument("--udm-noise", type=float, default=0.01,
                          help="udm-blur/udm-mask: std of the small noise added to the deterministic corruption")
+    model.add_argument("--init-from", default=None, metavar="PIPELINE_DIR",
+                       help="start from the UNet weights of an exported pipeline (same --model, image size and "
+                            "classes) instead of a random initialisation: fine-tuning, or a distilled student")
     groups.run.add_argument("--sample-steps", type=int, default=PREVIEW_STEPS,
                             help="sampler steps of the --sample-every grid (fewer: a cheaper, rougher preview)")
     groups.optim.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
@@ -126,6 +129,26 @@ def ema_pipeline(ema: EMAModel, unet_config, objective: Objective, info: dict[st
     pipeline = DiffusionImagePipeline(unet.eval(), objective.make_scheduler(), info)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def load_initial_weights(model: UNet2DModel, directory: str | Path) -> None:
+    """Copy the UNet weights of the pipeline at ``directory`` (loaded without unpickling, ``pipelines.loading``)
+    into ``model``; ValueError naming the first parameter whose shape differs (another architecture, image size
+    or number of classes)."""
+    from pipelines.loading import load_pipeline
+
+    source = getattr(load_pipeline(directory), "unet", None)
+    if source is None:
+        raise ValueError(f"--init-from {directory}: the pipeline there has no UNet")
+    weights, own = source.state_dict(), model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"--init-from {directory}: its UNet lacks {missing[0]} (another --model architecture?)")
+    for name, value in own.items():
+        if weights[name].shape != value.shape:
+            raise ValueError(f"--init-from {directory}: {name} has shape {tuple(weights[name].shape)} there, "
+                             f"{tuple(value.shape)} here (another --model, image size or number of classes)")
+    model.load_state_dict({name: weights[name].to(value.dtype) for name, value in own.items()})
 
 
 def build_objective(args: argparse.Namespace, num_classes: int) -> tuple[Objective, dict[str, Any]]:
@@ -178,6 +201,8 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     args, accelerator = run.args, run.accelerator
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_unet(args.model, args.image_size, run.dataset.channels, run.num_classes)
+    if args.init_from is not None:
+        load_initial_weights(model, args.init_from)
     objective, process_options = build_objective(args, run.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999),
                                   weight_decay=args.weight_decay)
