@@ -3,6 +3,7 @@
 Importing the package registers every sampler; ``SAMPLERS`` maps names to ``SamplerSpec`` entries.
 """
 
+from .consistency import ConsistencyScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .ode import AdaptiveODEScheduler, ProbabilityFlowScheduler
@@ -14,6 +15,7 @@ from .udm import UDMScheduler
 
 __all__ = [
     "AdaptiveODEScheduler",
+    "ConsistencyScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "PFGMppScheduler",

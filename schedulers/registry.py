@@ -28,6 +28,8 @@ TRAINING_KEYS = CONFIG_KEYS
 # How a model gets a value a sampler requires.
 REQUIREMENT_HINTS = {
     "eps_second_moment": "run `python -m evaluation.analytic_table MODEL_DIR` (Analytic-DPM's E‖ε_θ‖²/d table)",
+    "consistency_objective": "distil one: `python -m train.diffusion --objective consistency-distillation --teacher "
+                             "MODEL_DIR` (docs/consistency.md)",
     "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
 }
 

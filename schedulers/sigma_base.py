@@ -101,6 +101,12 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
         low, high = self.process.sigma_range()
         return self.config.sigma_min or low, self.config.sigma_max or high
 
+    def default_grid(self, num_inference_steps: int) -> torch.Tensor:
+        """The σ grid of a run of ``num_inference_steps``, before the final σ: that many points of
+        ``config.sigma_schedule`` over ``sigma_range``."""
+        low, high = self.sigma_range()
+        return make_sigmas(self.config.sigma_schedule, num_inference_steps, self.schedule, low, high, self.config.rho)
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         """Lay out the σ grid and trace the solver over it: ``num_inference_steps`` points of
         ``config.sigma_schedule`` (or, with a ``tuned_sigmas`` config, that grid, whose step count it must be), or
@@ -120,9 +126,7 @@ class SigmaSpaceScheduler(SchedulerMixin, ConfigMixin):
                                      f"{num_inference_steps}: run {len(grid) - 1} steps, or tune it again for "
                                      f"{num_inference_steps} (schedulers.tuning.tune_sampler)")
             else:
-                low, high = self.sigma_range()
-                grid = make_sigmas(self.config.sigma_schedule, int(num_inference_steps), self.schedule, low, high,
-                                   self.config.rho)
+                grid = self.default_grid(int(num_inference_steps))
         elif sigmas is not None:
             grid = self._checked_sigmas(sigmas)
         else:

@@ -70,6 +70,8 @@ def model_config(name: str, process: str | None = None, **overrides) -> dict:
         config["eps_second_moment"] = [0.9] * config["num_train_timesteps"]
     if "mean_value_points" in spec.requires:
         config["mean_value_points"] = [0.5] * NUM_STEPS
+    if "consistency_objective" in spec.requires:
+        config["consistency_objective"] = "consistency-distillation"
     return config
 
 

@@ -49,7 +49,7 @@ from train.run import Trainer, TrainingRun
 
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
 # passed to (and kept invariant by) the objectives that take them
-PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma")
+PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma", "teacher", "consistency_steps")
 # What a resumed run must share with the checkpoint's run, besides train.run.COMMON_INVARIANTS and PROCESS_OPTIONS.
 RESUME_INVARIANTS = ("objective", "timestep_sampling", "model", "label_dropout", "grad_accum", "init_from")
 NOISE_STREAM = 1  # the random stream of the noise, timesteps and label dropout (train.batch_order)
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--udm-loss", choices=["l1", "l2"], default="l1", help="udm-*: the x0 regression's norm")
     process.add_argument("--udm-noise", type=float, default=0.01,
                          help="udm-blur/udm-mask: std of the small noise added to the deterministic corruption")
+    process.add_argument("--teacher", default=None, metavar="PIPELINE_DIR",
+                         help="consistency-distillation: the exported vp, flow or edm model to distil (the student "
+                              "starts from its weights: same --model, image size and classes)")
+    process.add_argument("--consistency-steps", type=int, default=20,
+                         help="consistency-distillation: steps N of the teacher's ODE grid from σ_max to σ_min")
     model.add_argument("--init-from", default=None, metavar="PIPELINE_DIR",
                        help="start from the UNet weights of an exported pipeline (same --model, image size and "
                             "classes) instead of a random initialisation: fine-tuning, or a distilled student")
@@ -131,22 +136,22 @@ def ema_pipeline(ema: EMAModel, unet_config, objective: Objective, info: dict[st
     return pipeline
 
 
-def load_initial_weights(model: UNet2DModel, directory: str | Path) -> None:
+def load_initial_weights(model: UNet2DModel, directory: str | Path, option: str = "--init-from") -> None:
     """Copy the UNet weights of the pipeline at ``directory`` (loaded without unpickling, ``pipelines.loading``)
     into ``model``; ValueError naming the first parameter whose shape differs (another architecture, image size
-    or number of classes)."""
+    or number of classes); ``option`` names where ``directory`` came from."""
     from pipelines.loading import load_pipeline
 
     source = getattr(load_pipeline(directory), "unet", None)
     if source is None:
-        raise ValueError(f"--init-from {directory}: the pipeline there has no UNet")
+        raise ValueError(f"{option} {directory}: the pipeline there has no UNet")
     weights, own = source.state_dict(), model.state_dict()
     missing = sorted(set(own) - set(weights))
     if missing:
-        raise ValueError(f"--init-from {directory}: its UNet lacks {missing[0]} (another --model architecture?)")
+        raise ValueError(f"{option} {directory}: its UNet lacks {missing[0]} (another --model architecture?)")
     for name, value in own.items():
         if weights[name].shape != value.shape:
-            raise ValueError(f"--init-from {directory}: {name} has shape {tuple(weights[name].shape)} there, "
+            raise ValueError(f"{option} {directory}: {name} has shape {tuple(weights[name].shape)} there, "
                              f"{tuple(value.shape)} here (another --model, image size or number of classes)")
     model.load_state_dict({name: weights[name].to(value.dtype) for name, value in own.items()})
 
@@ -181,8 +186,7 @@ def diffusion_step(run: TrainingRun, parts: DiffusionParts, index: int) -> dict[
                                  run.generator(NOISE_STREAM, index * args.grad_accum + micro))
         local = batch.select(run.shard)
         with accelerator.accumulate(model):
-            output = model(local.noisy, **local.model_kwargs).sample
-            loss, per_sample = objective.loss(output, local)
+            loss, per_sample = objective.training_loss(model, local)
             accelerator.backward(loss)
         losses = accelerator.gather(per_sample)  # the global batch's, in rank order = batch order
         objective.observe(batch.model_kwargs, losses)
@@ -201,9 +205,11 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     args, accelerator = run.args, run.accelerator
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_unet(args.model, args.image_size, run.dataset.channels, run.num_classes)
+    objective, process_options = build_objective(args, run.num_classes)
     if args.init_from is not None:
         load_initial_weights(model, args.init_from)
-    objective, process_options = build_objective(args, run.num_classes)
+    elif objective.initial_weights() is not None:  # a distillation's student starts as its teacher
+        load_initial_weights(model, objective.initial_weights(), "--teacher")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999),
                                   weight_decay=args.weight_decay)
     lr_schedule = get_scheduler(LR_DECAYS[args.lr_decay], optimizer, num_warmup_steps=args.warmup,

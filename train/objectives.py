@@ -29,9 +29,20 @@ from typing import Any, NamedTuple
 
 import torch
 
-from schedulers import DDIMScheduler, PFGMppScheduler, ProbabilityFlowScheduler, UDMScheduler
-from schedulers.process import BETA_SCHEDULES, VPSchedule, make_betas
-from schedulers.processes import PROCESSES, FlowProcess, PFGMppProcess, TrainingExample, UDMProcess, VPProcess
+from pipelines.loading import load_pipeline
+from schedulers import ConsistencyScheduler, DDIMScheduler, PFGMppScheduler, ProbabilityFlowScheduler, UDMScheduler
+from schedulers.process import BETA_SCHEDULES, VPSchedule, expand_to, make_betas
+from schedulers.processes import (
+    CONFIG_KEYS,
+    GAUSSIAN_SIGMA_PROCESSES,
+    PROCESSES,
+    FlowProcess,
+    PFGMppProcess,
+    TrainingExample,
+    UDMProcess,
+    VPProcess,
+)
+from schedulers.sigmas import make_sigmas
 
 # The VP objectives' registry names, by what the network predicts, and how the app names that.
 VP_OBJECTIVE_NAMES = {"epsilon": "vp-eps", "sample": "vp-x0", "v_prediction": "vp-v"}
@@ -41,12 +52,14 @@ TIMESTEP_SAMPLINGS = (*VP_TIMESTEP_SAMPLINGS, "logit_normal")  # logit-normal: t
 
 
 class TrainingBatch(NamedTuple):
-    """One noised batch: the model input, the model call's keyword arguments, the target, per-sample weights."""
+    """One noised batch: the model input, the model call's keyword arguments, the target, per-sample weights, and
+    any per-sample tensors an objective's own ``training_loss`` needs besides (``aux``)."""
 
     noisy: torch.Tensor
     model_kwargs: dict[str, torch.Tensor | None]
     target: torch.Tensor
     loss_weight: torch.Tensor
+    aux: dict[str, torch.Tensor] | None = None
 
     def select(self, index: slice | torch.Tensor) -> TrainingBatch:
         """The samples at ``index`` (a data-parallel rank's shard of a global batch)."""
@@ -55,6 +68,7 @@ class TrainingBatch(NamedTuple):
             {key: None if value is None else value[index] for key, value in self.model_kwargs.items()},
             self.target[index],
             self.loss_weight[index],
+            None if self.aux is None else {key: value[index] for key, value in self.aux.items()},
         )
 
 
@@ -192,6 +206,14 @@ class Objective(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    def initial_weights(self) -> str | None:
+        """An exported pipeline whose UNet the student starts from (a distillation's teacher); None: random."""
+        return None
+
+    def training_loss(self, model, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch loss, unweighted per-sample losses) of ``model`` on ``batch``: one call, scored by ``loss``."""
+        return self.loss(model(batch.noisy, **batch.model_kwargs).sample, batch)
 
     def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(the batch loss mean_i w_i · mean_pixels (f_i − y_i)², the unweighted per-sample losses)."""
@@ -504,6 +526,115 @@ class UDMObjective(Objective):
                 "udm_loss": self.udm_loss, "udm_noise": self.udm_noise}
 
 
+def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(‖Δ‖² + c²) − c per sample (Song & Dhariwal 2023, "Improved techniques for training consistency models",
+    §3.3): ‖Δ‖²/(2c) for small Δ, ‖Δ‖ for large, so outliers weigh less than under the squared distance."""
+    return (difference.float().flatten(1).pow(2).sum(dim=1) + c**2).sqrt() - c
+
+
+class ConsistencyDistillationObjective(Objective):
+    """Consistency distillation (Song et al. 2023, "Consistency Models", §4 and Alg. 2; Su part 28).
+
+    The teacher's probability-flow ODE on a grid σ_0 = σ_max > … > σ_N = σ_min of its process's natural schedule
+    (N = ``consistency_steps``; ``ConsistencyScheduler``'s grid) links each pair of neighbours by one Heun step of
+    the teacher's denoiser D_T (EDM Alg. 1): x̂_{n+1} = Φ(x0 + σ_n ε; σ_n → σ_{n+1}). The student, the teacher's
+    architecture and parameterization initialised from its weights, is the consistency function f_θ(x, σ) =
+    D_θ(x; σ) (f_θ(x, 0) = x exactly) and learns to answer the same at both ends of each step,
+
+        L = E_{x0, ε, n ~ U{0..N−1}} d(f_θ(x0 + σ_n ε, σ_n), f_{θ⁻}(x̂_{n+1}, σ_{n+1})),
+
+    with θ⁻ = stopgrad(θ) (improved CT's choice, Song & Dhariwal 2023 §3.2: no EMA target) and d the pseudo-Huber
+    distance with c = 0.00054 sqrt(dim) (§3.3). Label dropout keeps classifier-free guidance available; the
+    teacher runs unguided on the same labels. The teacher is frozen and never checkpointed: resuming reloads it.
+    """
+
+    name = "consistency-distillation"
+    label = "consistency distillation of a --teacher"
+    HUBER_C = 0.00054  # × sqrt(dimension)
+
+    def __init__(self, teacher: str | None = None, consistency_steps: int = 20, timestep_sampling: str = "uniform",
+                 label_dropout: float = 0.1, null_class_id: int | None = None):
+        super().__init__(label_dropout, null_class_id)
+        if teacher is None:
+            raise ValueError(f"{self.name} needs --teacher PIPELINE_DIR, an exported vp, flow or edm model "
+                             "(e.g. checkpoints/mnist-flow)")
+        if isinstance(consistency_steps, bool) or not isinstance(consistency_steps, int) or consistency_steps < 1:
+            raise ValueError(f"consistency_steps (the teacher ODE's steps from σ_max to σ_min) must be an integer "
+                             f"≥ 1, got {consistency_steps!r}")
+        if timestep_sampling != "uniform":
+            raise ValueError(f"{self.name} draws the grid step uniformly; --timestep-sampling must stay 'uniform', "
+                             f"got {timestep_sampling!r}")
+        pipeline = load_pipeline(teacher)
+        info = dict(pipeline.config.get("model_info") or {})
+        self.process = info.get("process", pipeline.scheduler.config.get("model_process"))
+        if self.process not in GAUSSIAN_SIGMA_PROCESSES or getattr(pipeline, "unet", None) is None:
+            raise ValueError(f"--teacher {teacher}: a {self.process!r} model has no Gaussian probability-flow ODE "
+                             f"to distil; choose a model trained on one of {GAUSSIAN_SIGMA_PROCESSES}")
+        if info.get("null_class_id") != null_class_id:
+            raise ValueError(f"--teacher {teacher}: its null class is {info.get('null_class_id')}, the student's "
+                             f"{null_class_id}: distil with the teacher's conditioning and number of classes "
+                             "(--conditional for a class-conditional teacher)")
+        self.teacher, self.consistency_steps = str(teacher), consistency_steps
+        self.teacher_unet = pipeline.unet.float().eval().requires_grad_(False)
+        self.process_config = {key: value for key, value in pipeline.scheduler.config.items() if key in CONFIG_KEYS}
+        self.prediction_type = self.process_config["prediction_type"]
+        scheduler = self.make_scheduler()
+        self.forward_process = scheduler.process
+        low, high = scheduler.sigma_range()
+        self.sigmas = make_sigmas(scheduler.config.sigma_schedule, consistency_steps + 1, scheduler.schedule, low,
+                                  high, scheduler.config.rho)
+
+    def initial_weights(self) -> str:
+        return self.teacher
+
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
+        n = torch.randint(0, self.consistency_steps, (len(x0),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        sigma, sigma_next = self.sigmas[n].to(x0.device), self.sigmas[n + 1].to(x0.device)
+        x = x0 + expand_to(sigma, x0) * noise  # the σ-space state x0 + σ_n ε
+        kwargs = {"timestep": self.forward_process.timestep(sigma).float(),
+                  "class_labels": self.drop_labels(labels, generator)}
+        return TrainingBatch(expand_to(self.forward_process.input_scale(sigma), x0) * x, kwargs, x0,
+                             torch.ones(len(x0), device=x0.device),
+                             {"state": x, "sigma": sigma, "sigma_next": sigma_next})
+
+    def _denoise(self, network, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+        """D(x; σ) of ``network`` at per-sample noise levels σ (the process's input scale, time input and decoding)."""
+        output = network(expand_to(self.forward_process.input_scale(sigma), x) * x,
+                         self.forward_process.timestep(sigma).float(), class_labels=labels).sample
+        return self.forward_process.denoised(output, x, expand_to(sigma, x))
+
+    def teacher_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, labels) -> torch.Tensor:
+        """One Heun step of the teacher's probability-flow ODE dx/dσ = (x − D_T(x; σ))/σ (EDM Alg. 1), σ' > 0."""
+        teacher = self.teacher_unet.to(x.device)
+        h = expand_to(sigma_next - sigma, x)
+        slope = (x - self._denoise(teacher, x, sigma, labels)) / expand_to(sigma, x)
+        euler = x + h * slope
+        slope_next = (euler - self._denoise(teacher, euler, sigma_next, labels)) / expand_to(sigma_next, x)
+        return x + h * (slope + slope_next) / 2
+
+    def training_loss(self, model, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, sigma, sigma_next = batch.aux["state"], batch.aux["sigma"], batch.aux["sigma_next"]
+        labels = batch.model_kwargs["class_labels"]
+        with torch.no_grad():
+            x_next = self.teacher_step(x, sigma, sigma_next, labels)
+            target = self._denoise(model, x_next, sigma_next, labels)
+        output = model(batch.noisy, **batch.model_kwargs).sample
+        student = self.forward_process.denoised(output, x, expand_to(sigma, x))
+        per_sample = pseudo_huber(student - target, self.HUBER_C * x[0].numel() ** 0.5)
+        return (batch.loss_weight * per_sample).mean(), per_sample.detach()
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return {**self.process_config, "consistency_objective": self.name}
+
+    def make_scheduler(self):
+        return ConsistencyScheduler(**self.scheduler_config())
+
+    def model_info(self) -> dict[str, Any]:
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "teacher": self.teacher, "consistency_steps": self.consistency_steps}
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -515,6 +646,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "pfgmpp": PFGMppObjective,
     "edm": EDMObjective,
     **{f"udm-{operator}": functools.partial(UDMObjective, operator=operator) for operator in ("blur", "mask", "noise")},
+    "consistency-distillation": ConsistencyDistillationObjective,
 }
 
 
@@ -523,7 +655,9 @@ def objective_label(name: str) -> str:
     for prediction_type, vp_name in VP_OBJECTIVE_NAMES.items():
         if name == vp_name:
             return f"{VPProcess.label}, predicts {VP_PREDICTS[prediction_type]}"
-    return PROCESSES[name].label if name in PROCESSES else name
+    if name in PROCESSES:
+        return PROCESSES[name].label
+    return getattr(OBJECTIVES.get(name), "label", name)
 
 
 def accepted_options(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,161 @@
+"""Consistency models: the multistep consistency sampler and the consistency-distillation objective."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import schedulers
+from models.unet import build_unet
+from pipelines import DiffusionImagePipeline
+from schedulers import ConsistencyScheduler, ProbabilityFlowScheduler
+from schedulers.processes import EDMProcess, FlowProcess, VPProcess
+from train.objectives import FlowObjective, make_objective, pseudo_huber
+
+REPO = Path(__file__).resolve().parents[1]
+NULL = 10
+
+
+def consistency_config(process=FlowProcess, **overrides) -> dict:
+    return {**process.config_defaults, "consistency_objective": "consistency-distillation", **overrides}
+
+
+# ------------------------------------------------------------------------------------------------ the sampler
+
+
+def test_one_to_four_steps_cost_one_evaluation_each_on_the_process_grid():
+    spec = schedulers.get_sampler("consistency")
+    scheduler = spec.create(consistency_config())
+    assert scheduler.config.sigma_schedule == "flow"  # a flow model's natural grid; Karras's for vp and edm
+    assert spec.create(consistency_config(EDMProcess)).config.sigma_schedule == "karras"
+    for steps in (1, 2, 4):
+        assert spec.nfe(steps, consistency_config()) == steps
+    scheduler.set_timesteps(1)
+    assert scheduler.sigmas.tolist() == pytest.approx([FlowProcess.SIGMA_MAX, 0.0])
+    scheduler.set_timesteps(2)  # the midpoint of the 3-point grid uniform in t: t = 0.5, σ = 1
+    assert scheduler.sigmas.tolist() == pytest.approx([FlowProcess.SIGMA_MAX, 1.0, 0.0])
+    assert isinstance(ConsistencyScheduler.from_config(scheduler.config), ConsistencyScheduler)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_exact_consistency_function_of_gaussian_data_samples_it_exactly_at_any_step_count(steps):
+    # Data N(0, 1): the ODE maps x_σ ~ N(0, 1 + σ²) to x_σ/sqrt(1 + σ²), which is the VP network input itself, so
+    # the identity network predicting x0 is the exact consistency function; every step then lands on N(0, 1).
+    scheduler = schedulers.get_sampler("consistency").create(consistency_config(VPProcess, prediction_type="sample"))
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 32, 32, generator=generator, dtype=torch.float64) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(scheduler.scale_model_input(x, t), t, x, generator=generator).prev_sample
+    assert x.std().item() == pytest.approx(1.0, abs=0.01) and abs(x.mean().item()) < 0.01
+
+
+def test_it_is_offered_only_to_consistency_models():
+    assert "consistency" in schedulers.samplers_for("flow", consistency_config())
+    assert "consistency" not in schedulers.samplers_for("flow", dict(FlowProcess.config_defaults))
+    assert "consistency" not in schedulers.samplers_for("pfgmpp", consistency_config())
+    with pytest.raises(ValueError, match="needs consistency_objective from the model: distil one"):
+        schedulers.get_sampler("consistency").create(dict(FlowProcess.config_defaults))
+
+
+def test_bad_steps_and_intermediate_times_raise_clear_errors():
+    scheduler = schedulers.get_sampler("consistency").create(consistency_config())
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer ≥ 1, got 0"):
+        scheduler.set_timesteps(0)
+    with pytest.raises(ValueError, match="first intermediate σ 600 is above the σ_max 500"):
+        scheduler.set_timesteps(sigmas=[600.0, 1.0])
+    with pytest.raises(ValueError, match="strictly descending"):
+        scheduler.set_timesteps(sigmas=[1.0, 10.0])
+    scheduler.set_timesteps(sigmas=[500.0, 3.0])  # chosen intermediate times
+    assert scheduler.sigmas.tolist() == [500.0, 3.0, 0.0] and scheduler.nfe == 2
+    with pytest.raises(ValueError, match="consistency_objective must be one of"):
+        ConsistencyScheduler(consistency_objective="mean-flow")
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny class-conditional flow model with random weights, exported as the trainer would."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("teacher") / "flow"
+    info = {"process": "flow", "prediction_type": "velocity", "objective": "flow", "num_classes": 10,
+            "null_class_id": NULL, "image_size": 16, "channels": 1, "model": "tiny"}
+    DiffusionImagePipeline(build_unet("tiny", 16, 1, 10), FlowObjective().make_scheduler(), info).save_pretrained(
+        directory, safe_serialization=True)
+    return directory
+
+
+def test_the_teacher_step_is_one_heun_step_of_the_teachers_ode(teacher):
+    objective = make_objective("consistency-distillation", teacher=str(teacher), null_class_id=NULL)
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.rand(2, 1, 16, 16, generator=generator) * 2 - 1
+    labels = torch.tensor([3, NULL])
+    sigma, sigma_next = objective.sigmas[[2, 15]], objective.sigmas[[3, 16]]
+    x = x0 + sigma.reshape(-1, 1, 1, 1).float() * torch.randn(x0.shape, generator=generator)
+    with torch.no_grad():
+        stepped = objective.teacher_step(x, sigma, sigma_next, labels)
+        for i in range(2):  # the project's Heun over the two-point grid, one sample at a time
+            heun = ProbabilityFlowScheduler(**FlowObjective().scheduler_config(), final_sigma="sigma_min")
+            heun.set_timesteps(sigmas=[float(sigma[i]), float(sigma_next[i])])
+            xi = x[i:i + 1]
+            for t in heun.timesteps:
+                output = objective.teacher_unet(heun.scale_model_input(xi, t), t, class_labels=labels[i:i + 1]).sample
+                xi = heun.step(output, t, xi).prev_sample
+            torch.testing.assert_close(stepped[i:i + 1], xi, rtol=1e-4, atol=1e-4)
+
+
+def test_the_loss_is_the_pseudo_huber_distance_between_the_students_answers(teacher):
+    assert pseudo_huber(torch.zeros(3, 1, 4, 4), 0.1).tolist() == [0.0] * 3
+    assert pseudo_huber(torch.full((1, 1, 4, 4), 10.0), 0.1).item() == pytest.approx(40.0 - 0.1, abs=1e-3)
+    objective = make_objective("consistency-distillation", teacher=str(teacher), null_class_id=NULL)
+    x0 = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    batch = objective.sample(x0, torch.arange(8), torch.Generator().manual_seed(3))
+    student = build_unet("tiny", 16, 1, 10)
+    student.load_state_dict(objective.teacher_unet.state_dict())
+    loss, per_sample = objective.training_loss(student, batch)
+    assert loss.requires_grad and per_sample.shape == (8,) and torch.all(per_sample > 0)
+    assert batch.aux["sigma_next"].tolist() == [objective.sigmas[objective.sigmas.tolist().index(s) + 1].item()
+                                                for s in batch.aux["sigma"].tolist()]
+    half = batch.select(slice(0, 4))  # a data-parallel shard keeps its aux tensors
+    assert torch.equal(half.aux["state"], batch.aux["state"][:4])
+    info, config = objective.model_info(), objective.scheduler_config()
+    assert info["process"] == "flow" and info["teacher"] == str(teacher) and info["consistency_steps"] == 20
+    assert config["consistency_objective"] == "consistency-distillation" and config["model_process"] == "flow"
+
+
+def test_bad_teachers_and_steps_raise_errors_naming_them(teacher):
+    with pytest.raises(ValueError, match="needs --teacher PIPELINE_DIR"):
+        make_objective("consistency-distillation", null_class_id=NULL)
+    with pytest.raises(ValueError, match="consistency_steps .* must be an integer ≥ 1, got 0"):
+        make_objective("consistency-distillation", teacher=str(teacher), consistency_steps=0, null_class_id=NULL)
+    with pytest.raises(ValueError, match="a 'udm-blur' model has no Gaussian probability-flow ODE"):
+        make_objective("consistency-distillation", teacher=str(REPO / "checkpoints" / "mnist-udm-blur"),
+                       null_class_id=NULL)
+    with pytest.raises(ValueError, match="its null class is 10, the student's None"):
+        make_objective("consistency-distillation", teacher=str(teacher), null_class_id=None)
+
+
+def test_distillation_trains_exports_and_samples_in_one_and_two_steps(teacher, tmp_path):
+    output_dir = tmp_path / "student"
+    command = [sys.executable, "-m", "train.diffusion", "--objective", "consistency-distillation", "--teacher",
+               str(teacher), "--model", "tiny", "--image-size", "16", "--max-train-images", "64", "--batch-size", "8",
+               "--steps", "4", "--warmup", "1", "--sample-every", "0", "--seed", "0", "--output-dir", str(output_dir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
+    pipeline = DiffusionImagePipeline.from_pretrained(output_dir / "model")
+    assert isinstance(pipeline.scheduler, ConsistencyScheduler)
+    assert pipeline.config.model_info["objective"] == "consistency-distillation"
+    pipeline.set_progress_bar_config(disable=True)
+    for steps in (1, 2):
+        output = pipeline(batch_size=2, num_inference_steps=steps, class_labels=[1, 2], guidance_scale=2.0,
+                          generator=torch.Generator().manual_seed(0), output_type="pt")
+        assert output.nfe == 2 * steps and torch.isfinite(output.images).all()
