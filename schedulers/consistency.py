@@ -25,7 +25,7 @@ from .registry import register
 from .sigma_base import SIGMA_SPACE_DEFAULTS, SigmaSpaceScheduler
 
 # The objectives that train a model as a consistency function (``train.objectives``), recorded in its config.
-CONSISTENCY_OBJECTIVES = ("consistency-distillation",)
+CONSISTENCY_OBJECTIVES = ("consistency-distillation", "consistency-training")
 
 
 @register("consistency", family="consistency", stochastic=True, processes=GAUSSIAN_SIGMA_PROCESSES,

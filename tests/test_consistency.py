@@ -1,4 +1,4 @@
-"""Consistency models: the multistep consistency sampler and the consistency-distillation objective."""
+"""Consistency models: the multistep consistency sampler, consistency distillation and consistency training."""
 
 import json
 import os
@@ -159,3 +159,81 @@ def test_distillation_trains_exports_and_samples_in_one_and_two_steps(teacher, t
         output = pipeline(batch_size=2, num_inference_steps=steps, class_labels=[1, 2], guidance_scale=2.0,
                           generator=torch.Generator().manual_seed(0), output_type="pt")
         assert output.nfe == 2 * steps and torch.isfinite(output.images).all()
+
+
+# ------------------------------------------------------------------------------------ consistency training (iCT)
+
+
+def test_the_curriculum_doubles_the_grid_from_s0_to_s1_in_equal_stages():
+    # s0 = 10, s1 = 1280: log2(128) + 1 = 8 stages over K = 800 batches, 100 each (iCT §3.4)
+    objective = make_objective("consistency-training", training_batches=800)
+    assert [objective.curriculum_steps(k) for k in (0, 99, 100, 250, 699, 700, 799, 5000)] == [
+        10, 10, 20, 40, 640, 1280, 1280, 1280]
+    short = make_objective("consistency-training", consistency_steps=40, training_batches=30)  # 3 stages of 10
+    assert [short.curriculum_steps(k) for k in (0, 9, 10, 20, 29)] == [10, 10, 20, 40, 40]
+    assert objective.grid(10).tolist()[0] == pytest.approx(80.0) and objective.grid(10).tolist()[-1] == pytest.approx(
+        0.002)
+
+
+def test_steps_are_drawn_from_icts_discretised_log_normal_and_weighted_by_the_inverse_step():
+    objective = make_objective("consistency-training", training_batches=8)
+    objective.load_state_dict({"batches_seen": torch.tensor(7)})  # the last stage: N = s1 = 1280
+    x0 = torch.zeros(20000, 1, 1, 1)
+    batch = objective.sample(x0, None, torch.Generator().manual_seed(0))
+    sigma, sigma_next = batch.aux["sigma"].double(), batch.aux["sigma_next"].double()
+    # ln σ ~ N(−1.1, 2²) restricted to [ln 0.002, ln 80]: its median is within a grid step of exp(−1.1)
+    assert sigma.log().median().item() == pytest.approx(-1.1, abs=0.05)
+    assert sigma.log().std().item() == pytest.approx(1.9, abs=0.1)  # the truncation trims the tails a little
+    torch.testing.assert_close(batch.loss_weight.double(), 1 / (sigma - sigma_next), rtol=1e-4, atol=0)
+    probabilities = objective.step_probabilities(objective.grid(1280).double())
+    assert probabilities.sum().item() == pytest.approx(1.0) and torch.all(probabilities > 0)
+
+
+def test_the_target_point_has_the_same_data_and_noise_at_the_lower_level():
+    objective = make_objective("consistency-training", training_batches=100, null_class_id=NULL)
+    x0 = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    batch = objective.sample(x0, torch.arange(8), torch.Generator().manual_seed(5))
+    noise = batch.aux["noise"]
+    torch.testing.assert_close(batch.aux["state"], x0 + batch.aux["sigma"].reshape(-1, 1, 1, 1) * noise)
+    torch.testing.assert_close(objective.target_state(batch), x0 + batch.aux["sigma_next"].reshape(-1, 1, 1, 1) * noise)
+    loss, per_sample = objective.training_loss(build_unet("tiny", 16, 1, 10), batch)
+    assert loss.requires_grad and torch.all(per_sample > 0)
+    assert objective.scheduler_config()["consistency_objective"] == "consistency-training"
+    assert objective.model_info()["process"] == "edm" and objective.initial_weights() is None
+
+
+def test_the_curriculum_position_is_checkpointed():
+    objective = make_objective("consistency-training", consistency_steps=40, training_batches=30)
+    for _ in range(12):
+        objective.sample(torch.zeros(2, 1, 4, 4), None, torch.Generator().manual_seed(0))
+    resumed = make_objective("consistency-training", consistency_steps=40, training_batches=30)
+    resumed.load_state_dict(objective.state_dict())
+    assert resumed.batches_seen == 12 and resumed.curriculum_steps(resumed.batches_seen) == 20
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"consistency_steps": 5}, "at least the curriculum's first 10 grid steps, got 5"),
+    ({"consistency_steps": 0}, "must be an integer ≥ 1, got 0"),
+    ({"training_batches": 0}, "training_batches must be an integer ≥ 1, got 0"),
+    ({"timestep_sampling": "logit_normal"}, "--timestep-sampling must stay 'uniform'"),
+])
+def test_bad_consistency_training_options_raise_errors_naming_them(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_objective("consistency-training", **options)
+
+
+def test_consistency_training_runs_from_scratch_and_samples_in_one_step(tmp_path):
+    output_dir = tmp_path / "ct"
+    command = [sys.executable, "-m", "train.diffusion", "--objective", "consistency-training", "--model", "tiny",
+               "--image-size", "16", "--max-train-images", "64", "--batch-size", "8", "--steps", "3", "--warmup", "1",
+               "--sample-every", "0", "--seed", "0", "--consistency-steps", "20", "--output-dir", str(output_dir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipeline = DiffusionImagePipeline.from_pretrained(output_dir / "model")
+    assert isinstance(pipeline.scheduler, ConsistencyScheduler)
+    assert pipeline.config.model_info["objective"] == "consistency-training"
+    pipeline.set_progress_bar_config(disable=True)
+    output = pipeline(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                      output_type="pt")
+    assert output.nfe == 1 and torch.isfinite(output.images).all()

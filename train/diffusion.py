@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--teacher", default=None, metavar="PIPELINE_DIR",
                          help="consistency-distillation: the exported vp, flow or edm model to distil (the student "
                               "starts from its weights: same --model, image size and classes)")
-    process.add_argument("--consistency-steps", type=int, default=20,
-                         help="consistency-distillation: steps N of the teacher's ODE grid from σ_max to σ_min")
+    process.add_argument("--consistency-steps", type=int, default=None,
+                         help="consistency-distillation: steps N of the teacher's ODE grid from σ_max to σ_min "
+                              "(default 20); consistency-training: the curriculum's final N, s1 (default 1280)")
     model.add_argument("--init-from", default=None, metavar="PIPELINE_DIR",
                        help="start from the UNet weights of an exported pipeline (same --model, image size and "
                             "classes) instead of a random initialisation: fine-tuning, or a distilled student")
@@ -159,9 +160,11 @@ def load_initial_weights(model: UNet2DModel, directory: str | Path, option: str 
 def build_objective(args: argparse.Namespace, num_classes: int) -> tuple[Objective, dict[str, Any]]:
     """The objective ``--objective`` names, and the process options it took (kept invariant on resume)."""
     process_options = accepted_options(args.objective, {name: getattr(args, name) for name in PROCESS_OPTIONS})
+    # a curriculum's length: not an invariant, since a resumed run may train longer
+    run_length = accepted_options(args.objective, {"training_batches": args.steps * args.grad_accum})
     objective = make_objective(args.objective, label_dropout=args.label_dropout,
                                timestep_sampling=args.timestep_sampling,
-                               null_class_id=num_classes if num_classes else None, **process_options)
+                               null_class_id=num_classes if num_classes else None, **process_options, **run_length)
     return objective, process_options
 
 

@@ -15,14 +15,16 @@ noise, label dropout) and call its ``training_example``.
 
 ``OBJECTIVES`` maps names to factories: ``vp-eps``, ``vp-x0``, ``vp-v``, ``flow`` (rectified flow /
 conditional flow matching), ``pfgmpp`` (PFGM++ with D extra dimensions) and ``edm`` (its D = ∞ limit), and
-``udm-blur``, ``udm-mask``, ``udm-noise`` (the unified diffusion model's operators). Later processes register
-their own.
+``udm-blur``, ``udm-mask``, ``udm-noise`` (the unified diffusion model's operators), and the one-step
+generators ``consistency-distillation`` (from a teacher) and ``consistency-training`` (from scratch). Later
+processes register their own.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -532,35 +534,90 @@ def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
     return (difference.float().flatten(1).pow(2).sum(dim=1) + c**2).sqrt() - c
 
 
-class ConsistencyDistillationObjective(Objective):
-    """Consistency distillation (Song et al. 2023, "Consistency Models", §4 and Alg. 2; Su part 28).
+class ConsistencyObjective(Objective):
+    """What consistency distillation and consistency training share (Song et al. 2023, "Consistency Models").
+
+    The student is the consistency function f_θ(x, σ) = D_θ(x; σ), its process's denoiser (f_θ(x, 0) = x), and
+    learns to answer the same at both ends of one step σ_n → σ_{n+1} < σ_n of a grid from σ_max to σ_min,
+
+        L = E λ(σ_n) d(f_θ(x0 + σ_n ε, σ_n), f_{θ⁻}(x_{n+1}, σ_{n+1})),
+
+    with θ⁻ = stopgrad(θ) (improved CT's choice, Song & Dhariwal 2023 §3.2: no EMA target) and d the pseudo-Huber
+    distance with c = 0.00054 sqrt(dim) (§3.3). The subclasses say how x_{n+1} is reached (``target_state``): a
+    teacher's ODE step (distillation) or the same noise at the lower level (training). Label dropout keeps
+    classifier-free guidance available. ``forward_process`` and ``process_config`` are the subclass's.
+    """
+
+    HUBER_C = 0.00054  # × sqrt(dimension)
+
+    def consistency_batch(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+                          sigmas: torch.Tensor, n: torch.Tensor, weight: torch.Tensor) -> TrainingBatch:
+        """The student's input x0 + σ_n ε for grid steps ``n`` of ``sigmas``, with the step's ends and noise."""
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        sigma, sigma_next = sigmas[n].to(x0.device), sigmas[n + 1].to(x0.device)
+        x = x0 + expand_to(sigma, x0) * noise  # the σ-space state
+        kwargs = {"timestep": self.forward_process.timestep(sigma).float(),
+                  "class_labels": self.drop_labels(labels, generator)}
+        return TrainingBatch(expand_to(self.forward_process.input_scale(sigma), x0) * x, kwargs, x0,
+                             weight.to(x0.device), {"state": x, "sigma": sigma, "sigma_next": sigma_next,
+                                                    "noise": noise})
+
+    def denoise(self, network, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+        """D(x; σ) of ``network`` at per-sample noise levels σ (the process's input scale, time input and decoding)."""
+        output = network(expand_to(self.forward_process.input_scale(sigma), x) * x,
+                         self.forward_process.timestep(sigma).float(), class_labels=labels).sample
+        return self.forward_process.denoised(output, x, expand_to(sigma, x))
+
+    @abstractmethod
+    def target_state(self, batch: TrainingBatch) -> torch.Tensor:
+        """x_{n+1}: the point at σ_{n+1} on the trajectory through the student's input (no gradient)."""
+
+    def training_loss(self, model, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, sigma, sigma_next = batch.aux["state"], batch.aux["sigma"], batch.aux["sigma_next"]
+        labels = batch.model_kwargs["class_labels"]
+        with torch.no_grad():
+            target = self.denoise(model, self.target_state(batch), sigma_next, labels)
+        output = model(batch.noisy, **batch.model_kwargs).sample
+        student = self.forward_process.denoised(output, x, expand_to(sigma, x))
+        per_sample = pseudo_huber(student - target, self.HUBER_C * x[0].numel() ** 0.5)
+        return (batch.loss_weight * per_sample).mean(), per_sample.detach()
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return {**self.process_config, "consistency_objective": self.name}
+
+    def make_scheduler(self):
+        return ConsistencyScheduler(**self.scheduler_config())
+
+
+def check_consistency_steps(consistency_steps: int, what: str) -> int:
+    if isinstance(consistency_steps, bool) or not isinstance(consistency_steps, int) or consistency_steps < 1:
+        raise ValueError(f"consistency_steps ({what}) must be an integer ≥ 1, got {consistency_steps!r}")
+    return consistency_steps
+
+
+class ConsistencyDistillationObjective(ConsistencyObjective):
+    """Consistency distillation (Song et al. 2023, §4 and Alg. 2; Su part 28).
 
     The teacher's probability-flow ODE on a grid σ_0 = σ_max > … > σ_N = σ_min of its process's natural schedule
     (N = ``consistency_steps``; ``ConsistencyScheduler``'s grid) links each pair of neighbours by one Heun step of
-    the teacher's denoiser D_T (EDM Alg. 1): x̂_{n+1} = Φ(x0 + σ_n ε; σ_n → σ_{n+1}). The student, the teacher's
-    architecture and parameterization initialised from its weights, is the consistency function f_θ(x, σ) =
-    D_θ(x; σ) (f_θ(x, 0) = x exactly) and learns to answer the same at both ends of each step,
-
-        L = E_{x0, ε, n ~ U{0..N−1}} d(f_θ(x0 + σ_n ε, σ_n), f_{θ⁻}(x̂_{n+1}, σ_{n+1})),
-
-    with θ⁻ = stopgrad(θ) (improved CT's choice, Song & Dhariwal 2023 §3.2: no EMA target) and d the pseudo-Huber
-    distance with c = 0.00054 sqrt(dim) (§3.3). Label dropout keeps classifier-free guidance available; the
-    teacher runs unguided on the same labels. The teacher is frozen and never checkpointed: resuming reloads it.
+    the teacher's denoiser D_T (EDM Alg. 1): x_{n+1} = Φ(x0 + σ_n ε; σ_n → σ_{n+1}), n ~ U{0..N−1}, weight 1.
+    The student, the teacher's architecture and parameterization, starts from the teacher's weights. The teacher
+    runs unguided on the same labels; it is frozen and never checkpointed: resuming reloads it.
     """
 
     name = "consistency-distillation"
     label = "consistency distillation of a --teacher"
-    HUBER_C = 0.00054  # × sqrt(dimension)
+    DEFAULT_STEPS = 20
 
-    def __init__(self, teacher: str | None = None, consistency_steps: int = 20, timestep_sampling: str = "uniform",
-                 label_dropout: float = 0.1, null_class_id: int | None = None):
+    def __init__(self, teacher: str | None = None, consistency_steps: int | None = None,
+                 timestep_sampling: str = "uniform", label_dropout: float = 0.1, null_class_id: int | None = None):
         super().__init__(label_dropout, null_class_id)
         if teacher is None:
             raise ValueError(f"{self.name} needs --teacher PIPELINE_DIR, an exported vp, flow or edm model "
                              "(e.g. checkpoints/mnist-flow)")
-        if isinstance(consistency_steps, bool) or not isinstance(consistency_steps, int) or consistency_steps < 1:
-            raise ValueError(f"consistency_steps (the teacher ODE's steps from σ_max to σ_min) must be an integer "
-                             f"≥ 1, got {consistency_steps!r}")
+        consistency_steps = check_consistency_steps(
+            self.DEFAULT_STEPS if consistency_steps is None else consistency_steps,
+            "the teacher ODE's steps from σ_max to σ_min")
         if timestep_sampling != "uniform":
             raise ValueError(f"{self.name} draws the grid step uniformly; --timestep-sampling must stay 'uniform', "
                              f"got {timestep_sampling!r}")
@@ -589,50 +646,105 @@ class ConsistencyDistillationObjective(Objective):
 
     def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
         n = torch.randint(0, self.consistency_steps, (len(x0),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        sigma, sigma_next = self.sigmas[n].to(x0.device), self.sigmas[n + 1].to(x0.device)
-        x = x0 + expand_to(sigma, x0) * noise  # the σ-space state x0 + σ_n ε
-        kwargs = {"timestep": self.forward_process.timestep(sigma).float(),
-                  "class_labels": self.drop_labels(labels, generator)}
-        return TrainingBatch(expand_to(self.forward_process.input_scale(sigma), x0) * x, kwargs, x0,
-                             torch.ones(len(x0), device=x0.device),
-                             {"state": x, "sigma": sigma, "sigma_next": sigma_next})
-
-    def _denoise(self, network, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
-        """D(x; σ) of ``network`` at per-sample noise levels σ (the process's input scale, time input and decoding)."""
-        output = network(expand_to(self.forward_process.input_scale(sigma), x) * x,
-                         self.forward_process.timestep(sigma).float(), class_labels=labels).sample
-        return self.forward_process.denoised(output, x, expand_to(sigma, x))
+        return self.consistency_batch(x0, labels, generator, self.sigmas, n, torch.ones(len(x0)))
 
     def teacher_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, labels) -> torch.Tensor:
         """One Heun step of the teacher's probability-flow ODE dx/dσ = (x − D_T(x; σ))/σ (EDM Alg. 1), σ' > 0."""
         teacher = self.teacher_unet.to(x.device)
         h = expand_to(sigma_next - sigma, x)
-        slope = (x - self._denoise(teacher, x, sigma, labels)) / expand_to(sigma, x)
+        slope = (x - self.denoise(teacher, x, sigma, labels)) / expand_to(sigma, x)
         euler = x + h * slope
-        slope_next = (euler - self._denoise(teacher, euler, sigma_next, labels)) / expand_to(sigma_next, x)
+        slope_next = (euler - self.denoise(teacher, euler, sigma_next, labels)) / expand_to(sigma_next, x)
         return x + h * (slope + slope_next) / 2
 
-    def training_loss(self, model, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, sigma, sigma_next = batch.aux["state"], batch.aux["sigma"], batch.aux["sigma_next"]
-        labels = batch.model_kwargs["class_labels"]
-        with torch.no_grad():
-            x_next = self.teacher_step(x, sigma, sigma_next, labels)
-            target = self._denoise(model, x_next, sigma_next, labels)
-        output = model(batch.noisy, **batch.model_kwargs).sample
-        student = self.forward_process.denoised(output, x, expand_to(sigma, x))
-        per_sample = pseudo_huber(student - target, self.HUBER_C * x[0].numel() ** 0.5)
-        return (batch.loss_weight * per_sample).mean(), per_sample.detach()
-
-    def scheduler_config(self) -> dict[str, Any]:
-        return {**self.process_config, "consistency_objective": self.name}
-
-    def make_scheduler(self):
-        return ConsistencyScheduler(**self.scheduler_config())
+    def target_state(self, batch: TrainingBatch) -> torch.Tensor:
+        return self.teacher_step(batch.aux["state"], batch.aux["sigma"], batch.aux["sigma_next"],
+                                 batch.model_kwargs["class_labels"])
 
     def model_info(self) -> dict[str, Any]:
         return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
                 "teacher": self.teacher, "consistency_steps": self.consistency_steps}
+
+
+class ConsistencyTrainingObjective(ConsistencyObjective):
+    """Consistency training from scratch with the improved-CT recipe (Song & Dhariwal 2023, §3; CM §5, Alg. 3).
+
+    No teacher: the point at the lower level is the same data and noise, x_{n+1} = x0 + σ_{n+1} ε, an unbiased
+    one-sample estimate of the ODE step (CM Theorem 2). The EDM process and preconditioning (σ_data = 0.5,
+    σ ∈ [0.002, 80]); the Karras ρ = 7 grid with N(k) steps on the discretization curriculum of iCT §3.4,
+
+        N(k) = min(s0 · 2^⌊k/K'⌋, s1),   K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋,   s0 = 10, s1 = ``consistency_steps``,
+
+    over the run's K = ``training_batches`` batches (k counts the batches seen, checkpointed); the step n drawn
+    from iCT's discretised log-normal, p(n) ∝ erf((ln σ_n − P_mean)/(√2 P_std)) − erf((ln σ_{n+1} − P_mean)/(√2
+    P_std)) with (P_mean, P_std) = (−1.1, 2.0) (§3.5), and weighted λ(σ_n) = 1/(σ_n − σ_{n+1}) (§3.1).
+    """
+
+    name = "consistency-training"
+    label = "consistency training (improved CT) from scratch"
+    process = prediction_type = "edm"
+    DEFAULT_STEPS = 1280  # s1
+    INITIAL_STEPS = 10  # s0
+    P_MEAN, P_STD = -1.1, 2.0
+
+    def __init__(self, consistency_steps: int | None = None, training_batches: int = 400_000,
+                 timestep_sampling: str = "uniform", label_dropout: float = 0.1, null_class_id: int | None = None):
+        super().__init__(label_dropout, null_class_id)
+        self.consistency_steps = check_consistency_steps(
+            self.DEFAULT_STEPS if consistency_steps is None else consistency_steps,
+            "the curriculum's final number of grid steps, s1")
+        if self.consistency_steps < self.INITIAL_STEPS:
+            raise ValueError(f"consistency_steps (s1) must be at least the curriculum's first {self.INITIAL_STEPS} "
+                             f"grid steps, got {self.consistency_steps}")
+        if isinstance(training_batches, bool) or not isinstance(training_batches, int) or training_batches < 1:
+            raise ValueError(f"training_batches must be an integer ≥ 1, got {training_batches!r}")
+        if timestep_sampling != "uniform":
+            raise ValueError(f"{self.name} draws σ from iCT's discretised log-normal; --timestep-sampling must stay "
+                             f"'uniform', got {timestep_sampling!r}")
+        edm = EDMObjective()
+        self.process_config = {key: value for key, value in edm.scheduler_config().items() if key in CONFIG_KEYS}
+        scheduler = self.make_scheduler()
+        self.forward_process, self.schedule, self.rho = scheduler.process, scheduler.schedule, scheduler.config.rho
+        self.sigma_range = scheduler.sigma_range()
+        self.training_batches = training_batches
+        self.batches_seen = 0
+
+    def curriculum_steps(self, batch_index: int) -> int:
+        """N(k): the grid's number of steps at batch k (iCT §3.4's doubling schedule)."""
+        doublings = math.floor(math.log2(self.consistency_steps // self.INITIAL_STEPS))
+        stage_length = max(self.training_batches // (doublings + 1), 1)
+        return min(self.INITIAL_STEPS * 2 ** (batch_index // stage_length), self.consistency_steps)
+
+    def grid(self, num_steps: int) -> torch.Tensor:
+        """The N + 1 Karras levels from σ_max down to σ_min."""
+        low, high = self.sigma_range
+        return make_sigmas("karras", num_steps + 1, self.schedule, low, high, self.rho)
+
+    def step_probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """iCT's discretised log-normal over the grid's steps σ_n → σ_{n+1}."""
+        cdf = torch.erf((sigmas.double().log() - self.P_MEAN) / (math.sqrt(2) * self.P_STD))
+        mass = cdf[:-1] - cdf[1:]
+        return mass / mass.sum()
+
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
+        sigmas = self.grid(self.curriculum_steps(self.batches_seen)).double()
+        self.batches_seen += 1
+        n = torch.multinomial(self.step_probabilities(sigmas), len(x0), replacement=True, generator=generator)
+        weight = 1.0 / (sigmas[n] - sigmas[n + 1])
+        return self.consistency_batch(x0, labels, generator, sigmas.float(), n, weight.float())
+
+    def target_state(self, batch: TrainingBatch) -> torch.Tensor:
+        return batch.target + expand_to(batch.aux["sigma_next"], batch.target) * batch.aux["noise"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": torch.tensor(self.batches_seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_seen = int(state["batches_seen"])
+
+    def model_info(self) -> dict[str, Any]:
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "consistency_steps": self.consistency_steps, "sigma_data": self.forward_process.SIGMA_DATA}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -647,6 +759,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "edm": EDMObjective,
     **{f"udm-{operator}": functools.partial(UDMObjective, operator=operator) for operator in ("blur", "mask", "noise")},
     "consistency-distillation": ConsistencyDistillationObjective,
+    "consistency-training": ConsistencyTrainingObjective,
 }
 
 
