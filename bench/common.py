@@ -40,7 +40,10 @@ def model_process(model_dir: Path) -> str:
 
 def default_sampler(model_dir: Path) -> str:
     """The sampler the app opens a model with (``webui.models.DEFAULT_SAMPLERS``): DDIM on a VP model, else
-    DPM-Solver++ 2M."""
+    DPM-Solver++ 2M; a consistency model's own sampler."""
+    scheduler_config = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file() and json.loads(scheduler_config.read_text()).get("consistency_objective"):
+        return "consistency"
     return "ddim" if model_process(model_dir) == "vp" else "dpmpp-2m"
 
 

@@ -28,9 +28,16 @@ TRAINING_KEYS = CONFIG_KEYS
 # How a model gets a value a sampler requires.
 REQUIREMENT_HINTS = {
     "eps_second_moment": "run `python -m evaluation.analytic_table MODEL_DIR` (Analytic-DPM's E‖ε_θ‖²/d table)",
-    "consistency_objective": "distil one: `python -m train.diffusion --objective consistency-distillation --teacher "
-                             "MODEL_DIR` (docs/consistency.md)",
+    "consistency_objective": "distil one (`python -m train.diffusion --objective consistency-distillation --teacher "
+                             "MODEL_DIR`) or train one (`--objective consistency-training`; docs/consistency.md)",
     "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
+}
+
+# Config values that make a model a different kind of network, which only the samplers requiring them can drive:
+# a consistency model's D is no posterior mean, so an ODE or SDE solver would integrate the wrong field.
+EXCLUSIVE_REQUIREMENTS = {
+    "consistency_objective": "it is a consistency model (its D is the ODE's end point, not a posterior mean): "
+                             "sample it with the consistency sampler",
 }
 
 MAX_STEPS = 10_000  # num_inference_steps of one request, for every sampler: the pipeline enforces it, the UI reads it
@@ -160,6 +167,9 @@ class SamplerSpec:
         """Why it cannot sample a model trained on ``process`` with this scheduler config; None if it can."""
         if not self.drives(process):
             return f"it cannot drive a model trained on the {process!r} process"
+        for key, why in EXCLUSIVE_REQUIREMENTS.items():
+            if (model_scheduler_config or {}).get(key) is not None and key not in self.requires:
+                return why
         missing = self._missing(model_scheduler_config)
         return None if missing is None else f"it {missing}"
 

@@ -6,6 +6,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from evaluation.exact import ExactScoreModel, GaussianMixture
 from pipelines import DiffusionImagePipeline
+from schedulers.registry import EXCLUSIVE_REQUIREMENTS
 
 diffusers_logging.disable_progress_bar()
 
@@ -49,6 +50,13 @@ def model_supplies(num_inference_steps: int) -> dict:
     a model trained as a consistency function."""
     return {"eps_second_moment": [0.5] * 1000, "mean_value_points": [0.5] * num_inference_steps,
             "consistency_objective": "consistency-distillation"}
+
+
+def supplied_for(spec, supplied: dict) -> dict:
+    """``supplied`` less the values that mark another kind of model than ``spec`` drives (a consistency model's
+    ``consistency_objective`` for an ODE solver: ``schedulers.registry.EXCLUSIVE_REQUIREMENTS``)."""
+    return {key: value for key, value in supplied.items()
+            if key not in EXCLUSIVE_REQUIREMENTS or key in spec.requires}
 
 
 def step_defaults(spec) -> dict:

@@ -54,8 +54,10 @@ def test_the_exact_consistency_function_of_gaussian_data_samples_it_exactly_at_a
     assert x.std().item() == pytest.approx(1.0, abs=0.01) and abs(x.mean().item()) < 0.01
 
 
-def test_it_is_offered_only_to_consistency_models():
-    assert "consistency" in schedulers.samplers_for("flow", consistency_config())
+def test_it_is_offered_only_to_consistency_models_and_they_only_it():
+    assert schedulers.samplers_for("flow", consistency_config()) == ["consistency"]
+    with pytest.raises(ValueError, match="does not fit this model: it is a consistency model"):
+        schedulers.get_sampler("dpmpp-2m").check_fits("flow", consistency_config())
     assert "consistency" not in schedulers.samplers_for("flow", dict(FlowProcess.config_defaults))
     assert "consistency" not in schedulers.samplers_for("pfgmpp", consistency_config())
     with pytest.raises(ValueError, match="needs consistency_objective from the model: distil one"):

@@ -9,7 +9,7 @@ import torch
 import schedulers
 from pipelines.diffusion import MAX_GUIDANCE
 from schedulers.registry import KNOBS, MAX_STEPS, NOISE_KNOBS, Knob, step_knobs
-from tests.conftest import make_pipeline, seeded
+from tests.conftest import make_pipeline, seeded, supplied_for
 from webui import compare, generate
 
 STEPS = 5
@@ -23,7 +23,7 @@ def spec_pipeline(mixture, name):
     spec = schedulers.get_sampler(name)
     pipe = make_pipeline(mixture, schedulers.DDIMScheduler())
     pipe.register_to_config(model_info={"process": spec.processes[0]})
-    pipe.set_sampler(name, {}, SUPPLIED)
+    pipe.set_sampler(name, {}, supplied_for(spec, SUPPLIED))
     return pipe
 
 

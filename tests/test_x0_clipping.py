@@ -10,7 +10,7 @@ import schedulers
 from schedulers.clipping import clip_x0, dynamic_threshold
 from schedulers.process import to_x0_and_epsilon
 from schedulers.registry import CLIPPING_KNOBS
-from tests.conftest import make_pipeline, model_supplies, seeded
+from tests.conftest import make_pipeline, model_supplies, seeded, supplied_for
 
 STEPS = 5
 SUPPLIED = {**model_supplies(STEPS), "udm_prior_mean": [0.0], "udm_prior_std": [1.0]}
@@ -23,7 +23,7 @@ def spec_pipeline(mixture, name, knobs):
     spec = schedulers.get_sampler(name)
     pipe = make_pipeline(mixture, schedulers.DDIMScheduler())
     pipe.register_to_config(model_info={"process": spec.processes[0]})
-    step = pipe.set_sampler(name, knobs, SUPPLIED)
+    step = pipe.set_sampler(name, knobs, supplied_for(spec, SUPPLIED))
     return pipe, step
 
 
