@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import schedulers
 from models.unet import build_unet
@@ -224,15 +226,30 @@ def test_bad_consistency_training_options_raise_errors_naming_them(options, mess
         make_objective("consistency-training", **options)
 
 
-def test_consistency_training_runs_from_scratch_and_samples_in_one_step(tmp_path):
-    output_dir = tmp_path / "ct"
+def train_ct(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    # 4 steps, s1 = 20: a curriculum of two stages, N = 10 for batches 0–1 and N = 20 for batches 2–3
     command = [sys.executable, "-m", "train.diffusion", "--objective", "consistency-training", "--model", "tiny",
-               "--image-size", "16", "--max-train-images", "64", "--batch-size", "8", "--steps", "3", "--warmup", "1",
-               "--sample-every", "0", "--seed", "0", "--consistency-steps", "20", "--output-dir", str(output_dir)]
+               "--image-size", "16", "--max-train-images", "64", "--batch-size", "8", "--steps", "4", "--warmup", "1",
+               "--sample-every", "0", "--seed", "0", "--consistency-steps", "20", "--checkpoint-every", "2",
+               "--output-dir", str(output_dir), *extra]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    pipeline = DiffusionImagePipeline.from_pretrained(output_dir / "model")
+    return result
+
+
+def test_consistency_training_runs_from_scratch_resumes_exactly_and_samples_in_one_step(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_ct(straight)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")  # as if the run had died after its first checkpoint
+    result = train_ct(resumed, "--resume", "latest")
+    assert "resumed from" in result.stdout + result.stderr
+    # the curriculum resumes at batch 2 (N = 20): restarting it at N = 10 would train other weights
+    weights = [load_file(run / "checkpoint-4" / "model.safetensors") for run in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    pipeline = DiffusionImagePipeline.from_pretrained(straight / "model")
     assert isinstance(pipeline.scheduler, ConsistencyScheduler)
     assert pipeline.config.model_info["objective"] == "consistency-training"
     pipeline.set_progress_bar_config(disable=True)
