@@ -145,6 +145,15 @@ def test_bad_teachers_and_steps_raise_errors_naming_them(teacher):
         make_objective("consistency-distillation", teacher=str(teacher), null_class_id=None)
 
 
+def test_the_trainer_names_a_missing_teacher_without_a_traceback(tmp_path):
+    command = [sys.executable, "-m", "train.diffusion", "--objective", "consistency-distillation", "--model", "tiny",
+               "--image-size", "16", "--max-train-images", "64", "--steps", "1", "--output-dir", str(tmp_path / "x")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: consistency-distillation needs --teacher PIPELINE_DIR" in result.stderr
+
+
 def test_distillation_trains_exports_and_samples_in_one_and_two_steps(teacher, tmp_path):
     output_dir = tmp_path / "student"
     command = [sys.executable, "-m", "train.diffusion", "--objective", "consistency-distillation", "--teacher",

@@ -249,7 +249,11 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
     SIGTERM/SIGINT stopped it, the checkpoint saved at that step)."""
     check_args(args)
     run = TrainingRun(args, argv, "train.diffusion", grad_accum=args.grad_accum)
-    return run.train(diffusion_trainer(run))
+    try:
+        trainer = diffusion_trainer(run)
+    except ValueError as error:  # a setting only the objective or the weights can check (--teacher, --init-from)
+        raise SystemExit(f"python -m train.diffusion: error: {error}") from None
+    return run.train(trainer)
 
 
 def with_recipe(argv: list[str]) -> list[str]:
