@@ -40,10 +40,13 @@ def model_process(model_dir: Path) -> str:
 
 def default_sampler(model_dir: Path) -> str:
     """The sampler the app opens a model with (``webui.models.DEFAULT_SAMPLERS``): DDIM on a VP model, else
-    DPM-Solver++ 2M; a consistency model's own sampler."""
+    DPM-Solver++ 2M; a consistency or MeanFlow model's own sampler."""
     scheduler_config = Path(model_dir) / "scheduler" / "scheduler_config.json"
-    if scheduler_config.is_file() and json.loads(scheduler_config.read_text()).get("consistency_objective"):
+    config = json.loads(scheduler_config.read_text()) if scheduler_config.is_file() else {}
+    if config.get("consistency_objective"):
         return "consistency"
+    if config.get("mean_flow_objective"):
+        return "mean-flow"
     return "ddim" if model_process(model_dir) == "vp" else "dpmpp-2m"
 
 

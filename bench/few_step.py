@@ -4,8 +4,8 @@ Rows, every one scored as ``bench/models.py`` scores its models (feature-FID and
 500 held-out digits in the judge's features, the judge's accuracy on the intended digits, seconds per image on
 this machine), at NFE = network evaluations per image (classifier-free guidance doubles it):
 
-* each few-step model (``--few-step``: consistency models, default the shipped ``checkpoints/mnist-cd``) with the
-  ``consistency`` sampler at ``--steps`` (1, 2, 4) and each ``--guidance`` scale;
+* each few-step model (``--few-step``: consistency and MeanFlow models, default the shipped ``checkpoints/mnist-cd``)
+  with its own sampler (``consistency`` or ``mean-flow``) at ``--steps`` (1, 2, 4) and each ``--guidance`` scale;
 * its teacher (``--teacher``, default ``checkpoints/mnist-flow``) with the best tuned multi-step sampler at
   ``--teacher-nfe`` (4, 5, 10): the ``dpmpp-2m`` tuned for that NFE and those weights in ``MODEL_DIR/tuned/``
   (``python -m schedulers.tune``), else the stock ``dpmpp-2m`` (the row says which), unguided;
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, write_results  # noqa: E402
+from bench.common import default_sampler, machine_info, write_results  # noqa: E402
 from bench.models import NUM_CLASSES, load, score  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge  # noqa: E402
 from evaluation.sampling import class_balanced_labels, sample_images  # noqa: E402
@@ -42,7 +42,6 @@ from schedulers.tuning import load_tuned, tuned_name, tuned_schedulers  # noqa: 
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-FEW_STEP_SAMPLER = "consistency"
 TEACHER_SAMPLER = "dpmpp-2m"
 
 
@@ -55,10 +54,11 @@ def runs(args) -> list[dict]:
     """What to sample: one dict per row (``family`` groups the rows of one line of the plot)."""
     planned = []
     for path in args.few_step:
+        sampler = default_sampler(path)  # the model's own: consistency or mean-flow
         for guidance in args.guidance:
             for steps in args.steps:
-                planned.append({"family": f"{path.name} {FEW_STEP_SAMPLER}, guidance {guidance:g}", "path": path,
-                                "sampler": FEW_STEP_SAMPLER, "steps": steps, "guidance": guidance})
+                planned.append({"family": f"{path.name} {sampler}, guidance {guidance:g}", "path": path,
+                                "sampler": sampler, "steps": steps, "guidance": guidance})
     shipped = tuned_schedulers(args.teacher)
     for nfe in args.teacher_nfe:
         tuned = tuned_name(TEACHER_SAMPLER, nfe)
@@ -104,7 +104,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=1000, help="images per row, equal per digit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--few-step", type=Path, nargs="*", default=[ROOT / "checkpoints/mnist-cd"],
-                        help="consistency models, sampled with the consistency sampler")
+                        help="consistency or MeanFlow models, each sampled with its own sampler")
     parser.add_argument("--steps", type=int, nargs="*", default=[1, 2, 4], help="the few-step models' steps")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0],
                         help="the few-step models' classifier-free guidance scales (1: off, NFE = steps)")
@@ -144,7 +144,7 @@ def table(results: dict) -> str:
     lines = ["| model and sampler | steps | NFE | feature-FID | accuracy | precision | recall | s/image |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        sampler = "" if r["sampler"] is None or r["sampler"] == FEW_STEP_SAMPLER else f" ({r['sampler']})"
+        sampler = "" if r["sampler"] is None or r["sampler"] in r["family"] else f" ({r['sampler']})"
         lines.append(f"| {r['family']}{sampler} | {r['steps'] or '—'} | {r['nfe']} | {r['fid']:.2f} | "
                      f"{r['accuracy']:.1%} | {r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |")
     return "\n".join(lines)

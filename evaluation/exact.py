@@ -255,7 +255,10 @@ class ExactScoreModel(ModelMixin, ConfigMixin):
         return GaussianMixture(self.means.cpu(), self.weights.cpu(), self.basis.cpu(), self.spectrum.cpu(),
                                self.iso_var.cpu(), self.classes.cpu() if self.num_classes else None, shape)
 
-    def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
+    def forward(self, sample: torch.Tensor, timestep, class_labels=None, interval=None, return_dict: bool = True):
+        """The exact prediction at ``timestep``. ``interval`` (MeanFlow's t − r, ``schedulers.mean_flow``) is
+        accepted and ignored: the mixture answers the instantaneous field v(z, t) = u(z, t, t), so the mean-flow
+        sampler drives it as Euler's method does, a stand-in for tests rather than the exact average velocity."""
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(len(sample)).cpu()
         alpha, beta = self.process.coefficients(t)
         # at pure noise (the flow path's t = 1, where diffusers' flow-matching schedulers start) ᾱ = 0 and β̄ = 1:

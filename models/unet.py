@@ -61,15 +61,17 @@ def downsample_factor(config_name: str) -> int:
     return 2 ** (len(_config(config_name)["down_block_types"]) - 1)
 
 
-def build_unet(config_name: str, image_size: int, channels: int, num_classes: int = 0) -> UNet2DModel:
-    """A fresh UNet of the named architecture; class-conditional (plus a null class) when ``num_classes`` > 0."""
+def build_unet(config_name: str, image_size: int, channels: int, num_classes: int = 0,
+               model_class: type[UNet2DModel] = UNet2DModel) -> UNet2DModel:
+    """A fresh UNet of the named architecture; class-conditional (plus a null class) when ``num_classes`` > 0;
+    ``model_class`` is ``UNet2DModel`` or a subclass with the same config (``MeanFlowUNet2DModel``)."""
     config = _config(config_name)
     check_image_size(image_size, downsample_factor(config_name))
     if channels < 1:
         raise ValueError(f"a UNet needs at least one image channel, got {channels}")
     if num_classes < 0:
         raise ValueError(f"num_classes must be 0 (unconditional) or positive, got {num_classes}")
-    return UNet2DModel(
+    return model_class(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,

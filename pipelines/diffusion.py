@@ -169,9 +169,16 @@ class DiffusionImagePipeline(ComponentImportingPipeline):
 
     def _network(self, timestep, labels: torch.Tensor | None):
         """x ↦ the model's output at ``timestep`` for ``labels`` (None: an unconditional model)."""
+        inputs = self.model_inputs(timestep)
         if labels is None:
-            return lambda x: self.unet(x, timestep).sample
-        return lambda x: self.unet(x, timestep, class_labels=labels).sample
+            return lambda x: self.unet(x, timestep, **inputs).sample
+        return lambda x: self.unet(x, timestep, class_labels=labels, **inputs).sample
+
+    def model_inputs(self, timestep) -> dict[str, Any]:
+        """The network's inputs besides (x, t, class) that the scheduler asks for at ``timestep`` (MeanFlow: the
+        interval t − r to the next level, ``schedulers.mean_flow``); none for every other sampler."""
+        inputs = getattr(self.scheduler, "model_inputs", None)
+        return {} if inputs is None else inputs(timestep)
 
     def model_adapter(self):
         """How the model's inputs relate to σ-space (its ``schedulers.processes`` σ-space map), from its scheduler."""

@@ -6,6 +6,7 @@ Importing the package registers every sampler; ``SAMPLERS`` maps names to ``Samp
 from .consistency import ConsistencyScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .mean_flow import MeanFlowScheduler
 from .ode import AdaptiveODEScheduler, ProbabilityFlowScheduler
 from .pfgm import PFGMppScheduler
 from .process import PREDICTION_TYPES, VPSchedule, convert, to_x0_and_epsilon
@@ -18,6 +19,7 @@ __all__ = [
     "ConsistencyScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "MeanFlowScheduler",
     "PFGMppScheduler",
     "PREDICTION_TYPES",
     "ProbabilityFlowScheduler",

@@ -30,6 +30,7 @@ REQUIREMENT_HINTS = {
     "eps_second_moment": "run `python -m evaluation.analytic_table MODEL_DIR` (Analytic-DPM's E‖ε_θ‖²/d table)",
     "consistency_objective": "distil one (`python -m train.diffusion --objective consistency-distillation --teacher "
                              "MODEL_DIR`) or train one (`--objective consistency-training`; docs/consistency.md)",
+    "mean_flow_objective": "train one (`python -m train.diffusion --objective mean-flow`; docs/consistency.md)",
     "mean_value_points": "fit them for your grid and step count with `schedulers.ode.fit_mean_value_points`",
 }
 

@@ -46,10 +46,10 @@ def seeded(seed: int) -> torch.Generator:
 
 def model_supplies(num_inference_steps: int) -> dict:
     """What a model supplies to the samplers that ``require`` more than its scheduler config: a flat Analytic-DPM
-    table E‖ε_θ‖²/d, one mean-value point per step (the interval's midpoint), and the consistency sampler's mark of
-    a model trained as a consistency function."""
+    table E‖ε_θ‖²/d, one mean-value point per step (the interval's midpoint), the consistency sampler's mark of
+    a model trained as a consistency function and the mean-flow sampler's of a MeanFlow model."""
     return {"eps_second_moment": [0.5] * 1000, "mean_value_points": [0.5] * num_inference_steps,
-            "consistency_objective": "consistency-distillation"}
+            "consistency_objective": "consistency-distillation", "mean_flow_objective": "mean-flow"}
 
 
 def supplied_for(spec, supplied: dict) -> dict:

@@ -15,7 +15,8 @@ from webui import compare, generate
 STEPS = 5
 # What a model would supply for the samplers that require it (the values only need the right shape here).
 SUPPLIED = {"clip_sample": False, "eps_second_moment": [1.0] * 1000, "mean_value_points": [0.5] * STEPS,
-            "udm_prior_mean": [0.0], "udm_prior_std": [1.0], "consistency_objective": "consistency-distillation"}
+            "udm_prior_mean": [0.0], "udm_prior_std": [1.0], "consistency_objective": "consistency-distillation",
+            "mean_flow_objective": "mean-flow"}
 
 
 def spec_pipeline(mixture, name):

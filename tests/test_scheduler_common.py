@@ -72,6 +72,8 @@ def model_config(name: str, process: str | None = None, **overrides) -> dict:
         config["mean_value_points"] = [0.5] * NUM_STEPS
     if "consistency_objective" in spec.requires:
         config["consistency_objective"] = "consistency-distillation"
+    if "mean_flow_objective" in spec.requires:
+        config["mean_flow_objective"] = "mean-flow"
     return config
 
 

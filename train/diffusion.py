@@ -49,7 +49,8 @@ from train.run import Trainer, TrainingRun
 
 LR_DECAYS = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-decay → diffusers' schedule name
 # passed to (and kept invariant by) the objectives that take them
-PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma", "teacher", "consistency_steps")
+PROCESS_OPTIONS = ("pfgm_D", "udm_loss", "udm_noise", "snr_gamma", "teacher", "consistency_steps", "mean_flow_ratio",
+                   "mean_flow_guidance")
 # What a resumed run must share with the checkpoint's run, besides train.run.COMMON_INVARIANTS and PROCESS_OPTIONS.
 RESUME_INVARIANTS = ("objective", "timestep_sampling", "model", "label_dropout", "grad_accum", "init_from")
 NOISE_STREAM = 1  # the random stream of the noise, timesteps and label dropout (train.batch_order)
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--consistency-steps", type=int, default=None,
                          help="consistency-distillation: steps N of the teacher's ODE grid from σ_max to σ_min "
                               "(default 20); consistency-training: the curriculum's final N, s1 (default 1280)")
+    process.add_argument("--mean-flow-ratio", type=float, default=0.25,
+                         help="mean-flow: share of samples with r ≠ t (the rest train plain flow matching at r = t)")
+    process.add_argument("--mean-flow-guidance", type=float, default=1.0,
+                         help="mean-flow: classifier-free guidance ω trained into the one-step map (1 = none)")
     model.add_argument("--init-from", default=None, metavar="PIPELINE_DIR",
                        help="start from the UNet weights of an exported pipeline (same --model, image size and "
                             "classes) instead of a random initialisation: fine-tuning, or a distilled student")
@@ -130,7 +135,7 @@ def ema_pipeline(ema: EMAModel, unet_config, objective: Objective, info: dict[st
     """A pipeline around a fresh UNet holding the EMA weights (the training model stays untouched), with the
     objective's scheduler (``make_scheduler``: DDIM η = 0 for VP, Heun for flow) and ``info`` as its
     ``model_info``."""
-    unet = UNet2DModel.from_config(unet_config)
+    unet = objective.network_class.from_config(unet_config)
     ema.copy_to(unet.parameters())
     pipeline = DiffusionImagePipeline(unet.eval(), objective.make_scheduler(), info)
     pipeline.set_progress_bar_config(disable=True)
@@ -207,8 +212,8 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     """Build the UNet, objective, AdamW with its schedule and the EMA on ``run``; returns their ``Trainer``."""
     args, accelerator = run.args, run.accelerator
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_unet(args.model, args.image_size, run.dataset.channels, run.num_classes)
     objective, process_options = build_objective(args, run.num_classes)
+    model = build_unet(args.model, args.image_size, run.dataset.channels, run.num_classes, objective.network_class)
     if args.init_from is not None:
         load_initial_weights(model, args.init_from)
     elif objective.initial_weights() is not None:  # a distillation's student starts as its teacher
@@ -220,7 +225,7 @@ def diffusion_trainer(run: TrainingRun) -> Trainer:
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     unwrapped = accelerator.unwrap_model(model)
     warmup = {} if args.ema_power is None else {"use_ema_warmup": True, "inv_gamma": 1.0, "power": args.ema_power}
-    ema = run.track_ema(unwrapped, model_cls=UNet2DModel, model_config=unwrapped.config, **warmup)
+    ema = run.track_ema(unwrapped, model_cls=objective.network_class, model_config=unwrapped.config, **warmup)
     accelerator.register_for_checkpointing(objective)
     model.train()
     parts = DiffusionParts(model, objective, optimizer, lr_schedule)

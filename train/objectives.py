@@ -16,8 +16,8 @@ noise, label dropout) and call its ``training_example``.
 ``OBJECTIVES`` maps names to factories: ``vp-eps``, ``vp-x0``, ``vp-v``, ``flow`` (rectified flow /
 conditional flow matching), ``pfgmpp`` (PFGM++ with D extra dimensions) and ``edm`` (its D = ∞ limit), and
 ``udm-blur``, ``udm-mask``, ``udm-noise`` (the unified diffusion model's operators), and the one-step
-generators ``consistency-distillation`` (from a teacher) and ``consistency-training`` (from scratch). Later
-processes register their own.
+generators ``consistency-distillation`` (from a teacher), ``consistency-training`` (from scratch) and
+``mean-flow`` (MeanFlow's average velocity, from scratch). Later processes register their own.
 """
 
 from __future__ import annotations
@@ -30,9 +30,19 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from diffusers import UNet2DModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from models.mean_flow_unet import MeanFlowUNet2DModel
 from pipelines.loading import load_pipeline
-from schedulers import ConsistencyScheduler, DDIMScheduler, PFGMppScheduler, ProbabilityFlowScheduler, UDMScheduler
+from schedulers import (
+    ConsistencyScheduler,
+    DDIMScheduler,
+    MeanFlowScheduler,
+    PFGMppScheduler,
+    ProbabilityFlowScheduler,
+    UDMScheduler,
+)
 from schedulers.process import BETA_SCHEDULES, VPSchedule, expand_to, make_betas
 from schedulers.processes import (
     CONFIG_KEYS,
@@ -175,6 +185,7 @@ class Objective(ABC):
 
     name: str
     process: str
+    network_class = UNet2DModel  # the network it trains (``models.unet.build_unet``'s ``model_class``)
 
     def __init__(self, label_dropout: float, null_class_id: int | None):
         if not 0.0 <= label_dropout < 1.0:
@@ -747,6 +758,135 @@ class ConsistencyTrainingObjective(ConsistencyObjective):
                 "consistency_steps": self.consistency_steps, "sigma_data": self.forward_process.SIGMA_DATA}
 
 
+class MeanFlowObjective(Objective):
+    """MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"; Su part 30): the average velocity
+
+        u(z_t, r, t) = 1/(t − r) ∫_r^t v(z_τ, τ) dτ   on the flow path z_t = (1 − t) x0 + t ε, v = ε − x0,
+
+    so that one evaluation jumps z_r = z_t − (t − r) u(z_t, r, t) (eq. 1, 5). Differentiating (t − r) u in t gives
+    the MeanFlow identity u = v − (t − r) d/dt u, with the total derivative d/dt u = v ∂_z u + ∂_t u, the
+    Jacobian–vector product of u_θ along (v, 0, 1) in (z, r, t) (eq. 6, 8), here ``torch.func.jvp``. The loss
+    regresses u_θ on the stop-gradient target (eq. 9–10)
+
+        L = w ‖u_θ(z_t, r, t) − sg(v − (t − r) d/dt u_θ)‖²,   w = sg(1 / (‖Δ‖² + c)^p), p = 1, c = 10⁻³ (§4.3).
+
+    (t, r): two draws of the logit-normal lognorm(−0.4, 1.0) (``timestep_sampling="logit_normal"``, the paper's
+    best) or uniform, sorted so that t ≥ r; a share 1 − ``mean_flow_ratio`` of them gets r = t, where the target is
+    plain flow matching's v (Table 1a: 25% of r ≠ t is best). Only the r ≠ t samples need the JVP; it runs without
+    a graph (the target is stop-gradient anyway) on the unwrapped network and with PyTorch's math attention,
+    which has a forward-mode rule; the trained output comes from an ordinary call of the (data-parallel) model.
+    ``mean_flow_guidance`` ω > 1 trains classifier-free guidance into the one-step map (§4.2, eq. 13–16): the
+    labelled samples' velocity becomes ṽ = ω v + (1 − ω) u_θ(z_t, t, t | ∅). The network is
+    ``MeanFlowUNet2DModel`` fed (t, t − r); at r = t it is a flow model, so every flow sampler drives it too.
+
+    The times reach the network unscaled (``time_scale`` 1, as in the paper's code), not as flow matching's
+    t · 1000: the JVP differentiates the sinusoidal time embedding, whose fastest features at scale 1000 turn
+    ∂_t u into noise. On mnist28 after 250 steps at scale 1000, the time part of (t − r) d/dt u had a mean square
+    of 6.5 against v's 1.9, and the loss grew (docs/consistency.md).
+    """
+
+    name = "mean-flow"
+    process = "flow"
+    prediction_type = "velocity"
+    label = "MeanFlow average velocity u(z, r, t) (one-step flow)"
+    network_class = MeanFlowUNet2DModel
+    TIME_MEAN, TIME_STD = -0.4, 1.0  # the logit-normal of t and r (Geng et al. 2025, Table 1d)
+    WEIGHT_POWER, WEIGHT_EPS = 1.0, 1e-3  # the adaptive loss weight's p and c (§4.3)
+
+    def __init__(self, timestep_sampling: str = "logit_normal", label_dropout: float = 0.1,
+                 null_class_id: int | None = None, time_scale: int = 1, mean_flow_ratio: float = 0.25,
+                 mean_flow_guidance: float = 1.0):
+        super().__init__(label_dropout, null_class_id)
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"mean-flow samples (t, r) 'uniform' or 'logit_normal', got {timestep_sampling!r}")
+        if not 0.0 < mean_flow_ratio <= 1.0:
+            raise ValueError(f"mean_flow_ratio (the share of samples with r ≠ t) must be in (0, 1], "
+                             f"got {mean_flow_ratio}")
+        if not mean_flow_guidance >= 1.0:
+            raise ValueError(f"mean_flow_guidance ω must be ≥ 1 (1: no guidance trained in), got {mean_flow_guidance}")
+        if mean_flow_guidance != 1.0 and (null_class_id is None or label_dropout == 0.0):
+            raise ValueError("mean_flow_guidance > 1 needs a class-conditional model trained with label dropout > 0 "
+                             "(the unconditional velocity u_θ(z, t, t | ∅) is part of its target)")
+        self.timestep_sampling = timestep_sampling
+        self.time_scale = time_scale
+        self.mean_flow_ratio = mean_flow_ratio
+        self.mean_flow_guidance = mean_flow_guidance
+        self.forward_process = FlowProcess(self.prediction_type, time_scale)
+
+    def times(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, r) for n samples: t ≥ r, and r = t for a share 1 − ``mean_flow_ratio``."""
+        if self.timestep_sampling == "logit_normal":
+            draws = torch.sigmoid(self.TIME_MEAN + self.TIME_STD * torch.randn(2, n, generator=generator))
+        else:
+            draws = torch.rand(2, n, generator=generator)
+        t, r = draws.max(dim=0).values, draws.min(dim=0).values
+        same = torch.rand(n, generator=generator) >= self.mean_flow_ratio
+        return t, torch.where(same, t, r)
+
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> TrainingBatch:
+        t, r = self.times(len(x0), generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        batch = self.batch(self.forward_process.training_example(x0, noise, t.to(x0.device)), labels, generator)
+        interval = ((t - r) * self.time_scale).to(x0.device)
+        return batch._replace(model_kwargs={**batch.model_kwargs, "interval": interval},
+                              aux={"t": t.to(x0.device), "r": r.to(x0.device)})
+
+    def guided_velocity(self, network, z: torch.Tensor, kwargs: dict, velocity: torch.Tensor) -> torch.Tensor:
+        """ṽ = ω v + (1 − ω) u_θ(z, t, t | ∅) for the labelled samples, v for the null-class ones (eq. 16)."""
+        labels = kwargs["class_labels"]
+        if self.mean_flow_guidance == 1.0 or labels is None:
+            return velocity
+        null = torch.full_like(labels, self.null_class_id)
+        with torch.no_grad():
+            unconditional = network(z, kwargs["timestep"], class_labels=null).sample
+        guided = self.mean_flow_guidance * velocity + (1 - self.mean_flow_guidance) * unconditional
+        labelled = (labels != self.null_class_id).reshape(-1, *[1] * (velocity.dim() - 1))
+        return torch.where(labelled, guided, velocity)
+
+    def target(self, network, batch: TrainingBatch) -> torch.Tensor:
+        """sg(ṽ − (t − r) d/dt u_θ): the JVP of u_θ along (ṽ, 0, 1), for the samples with r ≠ t only."""
+        kwargs, t, r = batch.model_kwargs, batch.aux["t"], batch.aux["r"]
+        velocity = self.guided_velocity(network, batch.noisy, kwargs, batch.target)
+        moving = (t != r).nonzero().flatten()
+        if len(moving) == 0:
+            return velocity
+        labels = None if kwargs["class_labels"] is None else kwargs["class_labels"][moving]
+        time, interval = kwargs["timestep"][moving], kwargs["interval"][moving]
+        # d/dt on the network's time scale: the timestep and the interval t − r both grow by time_scale per unit t
+        scale = float(self.time_scale)
+        tangents = (velocity[moving], torch.full_like(time, scale), torch.full_like(interval, scale))
+
+        def average_velocity(z, time, interval):
+            return network(z, time, class_labels=labels, interval=interval).sample
+
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            _, total_derivative = torch.func.jvp(average_velocity, (batch.noisy[moving], time, interval), tangents)
+        target = velocity.clone()
+        target[moving] = velocity[moving] - expand_to(t - r, velocity)[moving] * total_derivative
+        return target
+
+    def training_loss(self, model, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        network = getattr(model, "module", model)  # the JVP and the guidance run outside data parallelism
+        target = self.target(network, batch)
+        output = model(batch.noisy, **batch.model_kwargs).sample
+        squared = (output.float() - target.float()).pow(2).flatten(1).sum(dim=1)
+        weight = 1 / (squared.detach() + self.WEIGHT_EPS) ** self.WEIGHT_POWER
+        per_pixel = squared.detach() / batch.noisy[0].numel()
+        return (batch.loss_weight * weight * squared).mean(), per_pixel
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return {"num_train_timesteps": self.time_scale, "prediction_type": self.prediction_type,
+                "model_process": self.process, "sigma_schedule": "flow", "mean_flow_objective": self.name}
+
+    def make_scheduler(self):
+        return MeanFlowScheduler(**self.scheduler_config())
+
+    def model_info(self) -> dict[str, Any]:
+        return {"process": self.process, "prediction_type": self.prediction_type, "objective": self.name,
+                "timestep_sampling": self.timestep_sampling, "mean_flow_ratio": self.mean_flow_ratio,
+                "mean_flow_guidance": self.mean_flow_guidance}
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -760,6 +900,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     **{f"udm-{operator}": functools.partial(UDMObjective, operator=operator) for operator in ("blur", "mask", "noise")},
     "consistency-distillation": ConsistencyDistillationObjective,
     "consistency-training": ConsistencyTrainingObjective,
+    "mean-flow": MeanFlowObjective,
 }
 
 

@@ -134,7 +134,9 @@ def samplers(loaded: LoadedModel) -> list[str]:
 
 
 TUNED = "tuned:"  # a tuned scheduler's choice: tuned:dpmpp-2m-nfe5 is MODEL_DIR/tuned/dpmpp-2m-nfe5
-DEFAULT_SAMPLERS = ("ddim", "dpmpp-2m")  # the first the model offers is the default: DDIM on VP models, else 2M
+# the first the model offers is the default: a MeanFlow model's own jump (offered to those only), DDIM on VP
+# models, else 2M; a consistency model offers its sampler alone
+DEFAULT_SAMPLERS = ("mean-flow", "ddim", "dpmpp-2m")
 
 
 def is_tuned(sampler) -> bool:
