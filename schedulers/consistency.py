@@ -29,7 +29,7 @@ CONSISTENCY_OBJECTIVES = ("consistency-distillation", "consistency-training")
 
 
 @register("consistency", family="consistency", stochastic=True, processes=GAUSSIAN_SIGMA_PROCESSES,
-          requires=("consistency_objective",),
+          requires=("consistency_objective",), opening_steps=2,
           description="multistep consistency sampling (Song et al. 2023, Alg. 1): denoise, re-noise to the next "
                       "intermediate σ; 1 step = 1 evaluation; consistency models only")
 class ConsistencyScheduler(SigmaSpaceScheduler):

@@ -26,6 +26,7 @@ MEAN_FLOW_OBJECTIVES = ("mean-flow",)  # the objectives that train an average ve
 
 
 @register("mean-flow", family="mean-flow", stochastic=False, processes=("flow",), requires=("mean_flow_objective",),
+          opening_steps=1,
           description="MeanFlow (Geng et al. 2025): jump z_r = z_t − (t − r) u(z_t, r, t) with the average "
                       "velocity; 1 step = 1 evaluation; MeanFlow models only")
 class MeanFlowScheduler(SigmaSpaceScheduler):

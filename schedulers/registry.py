@@ -126,6 +126,9 @@ class SamplerSpec:
     # The fewest network evaluations it is offered at: below them it cannot place the modes of the exact-score
     # benchmark mixture (sliced-W2 gap > 0.3; docs/samplers.md). The pipeline refuses shorter runs of the entry.
     min_nfe: int = 1
+    # The steps the app's slider moves to when the sampler is chosen: a one- or few-step sampler's own count
+    # (None: the slider keeps its value)
+    opening_steps: int | None = None
     description: str = ""
     # Checks of diffusers' common scheduler tests (tests/test_scheduler_common.py, by test name without "test_")
     # where this sampler differs from diffusers on purpose, each with why; docs/architecture.md lists them.

@@ -203,6 +203,9 @@ def test_the_steps_slider_starts_at_the_samplers_fewest_steps(catalog):
     assert update["minimum"] == least and update["value"] == least
     assert generate.steps_update(catalog, "tiny-uncond", "sde-euler-maruyama", least + 3)["value"] == least + 3
     assert generate.steps_update(catalog, "tiny-uncond", "ddim", 4) == {"__type__": "update", "minimum": 1, "value": 4}
+    # the one- and few-step samplers open at their own counts
+    assert generate.steps_update(catalog, "tiny-uncond", "mean-flow", 20)["value"] == 1
+    assert generate.steps_update(catalog, "tiny-uncond", "consistency", 20)["value"] == 2
 
 
 # ------------------------------------------------------------------------------------------------ Compare

@@ -152,15 +152,17 @@ def noise_update(sampler):
 
 def steps_update(catalog: models.ModelCatalog, name, sampler, steps):
     """The steps slider for ``sampler`` on model ``name``: it starts at the fewest steps the sampler's spec allows
-    (``min_steps``, from its ``min_nfe``) and a value below that rises to it; a tuned sampler shows the steps it
-    was tuned for."""
+    (``min_steps``, from its ``min_nfe``) and a value below that rises to it; a one- or few-step sampler (its
+    spec's ``opening_steps``: 1 for mean-flow, 2 for consistency) moves it to its own count; a tuned sampler shows
+    the steps it was tuned for."""
     if not sampler:
         return gr.update()
     loaded = catalog.load(name)
     if models.is_tuned(sampler):
         return gr.update(minimum=1, value=models.tuned_scheduler(loaded, sampler)[1])
-    least = schedulers.get_sampler(sampler).min_steps(loaded.scheduler_config) or 1
-    return gr.update(minimum=least, value=max(int(steps), least))
+    spec = schedulers.get_sampler(sampler)
+    least = spec.min_steps(loaded.scheduler_config) or 1
+    return gr.update(minimum=least, value=spec.opening_steps or max(int(steps), least))
 
 
 def build(catalog: models.ModelCatalog) -> dict:
