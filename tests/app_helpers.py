@@ -60,4 +60,4 @@ def make_catalog(root: Path) -> ModelCatalog:
 GENERATE = {"model": "mnist-exact", "sampler": "ddim", "steps": 4, "noise": 0.0, "guidance_mode": "classifier-free",
             "guidance_scale": 2.0, "reference": None, "class_name": "every class in turn", "seed": 7,
             "random_seed": False, "batch": 4, "resolution": 0, "backend": "default", "preview_every": 0,
-            "image": None, "strength": 0.8}
+            "image": None, "strength": 0.8, "levels": ""}

@@ -190,8 +190,8 @@ def test_unconditional_model_and_default_backend(catalog):
 
 
 def test_model_change_updates_the_widgets(catalog):
-    sampler, steps, noise, mode, classes, backend, about = generate.model_updates(catalog, "tiny-uncond")
-    assert sampler["value"] == "ddim" and "analytic-ddpm" not in sampler["choices"]
+    sampler, steps, noise, mode, classes, backend, about, levels = generate.model_updates(catalog, "tiny-uncond")
+    assert sampler["value"] == "ddim" and "analytic-ddpm" not in sampler["choices"] and levels["visible"] is True
     assert classes["choices"] == [models.UNCONDITIONAL] and mode["choices"] == ["none"]
     assert "toy" in about
 
@@ -206,6 +206,20 @@ def test_the_steps_slider_starts_at_the_samplers_fewest_steps(catalog):
     # the one- and few-step samplers open at their own counts
     assert generate.steps_update(catalog, "tiny-uncond", "mean-flow", 20)["value"] == 1
     assert generate.steps_update(catalog, "tiny-uncond", "consistency", 20)["value"] == 2
+
+
+def test_chosen_sigma_levels_are_the_samplers_grid_and_set_the_steps(catalog):
+    """The σ levels field replaces the sampler's grid (its ``tuned_sigmas``, a final 0 appended): three levels are
+    three Euler steps, whatever the slider says; empty, the sampler's own grid of the slider's steps."""
+    *_, (_, _, info, _, _) = run_generate(catalog, sampler="euler", steps=25, levels="20, 2, 0.5")
+    assert "**euler**, 3 steps on σ levels 20, 2, 0.5 · NFE 6 per image" in info  # guidance doubles it
+    scheduler = catalog.load("mnist-exact").pipe.scheduler
+    assert scheduler.sigmas.tolist() == pytest.approx([20, 2, 0.5, 0])
+    job = parse_job(catalog, **{**{k: GENERATE[k] for k in generate.INPUTS if k not in ("random_seed", "preview_every")},
+                                "sampler": "euler", "steps": 6, "levels": " "})
+    assert job.levels is None and job.steps == 6
+    run_job(catalog, job)
+    assert len(catalog.load("mnist-exact").pipe.scheduler.sigmas) == 7
 
 
 # ------------------------------------------------------------------------------------------------ Compare
@@ -277,8 +291,8 @@ def test_one_shot_models_hide_sampler_and_steps(tmp_path):
                 {"process": "gan", "dataset": "mnist", "num_classes": 10}).save_pretrained(
         tmp_path / "gan", safe_serialization=True)
     catalog = make_catalog(tmp_path)
-    sampler, steps, *_ = generate.model_updates(catalog, "gan")
-    assert sampler["visible"] is False and steps["visible"] is False
+    sampler, steps, *_, levels = generate.model_updates(catalog, "gan")
+    assert sampler["visible"] is False and steps["visible"] is False and levels["visible"] is False
     *_, info, _, _ = run_generate(catalog, model="gan", sampler="not-used", guidance_mode="none", class_name="3")[-1]
     assert info.startswith("one-shot model · NFE 1 per image")
 

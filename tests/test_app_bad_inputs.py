@@ -90,6 +90,16 @@ CASES = [
     (call_generate, {"steps": math.nan}, "steps must be a finite number"),
     (call_generate, {"steps": None}, "steps must be a number, got None"),
     (call_generate, {"steps": "ten"}, "steps must be a number, got 'ten'"),
+    # ---- σ levels: a chosen grid, for the fixed-grid σ-space samplers only
+    (call_generate, {"sampler": "heun", "levels": "2, 20"}, "sigmas must be a strictly descending"),
+    (call_generate, {"sampler": "heun", "levels": "ten"}, "σ levels: 'ten' is not a number"),
+    (call_generate, {"sampler": "heun", "levels": "1e9, 1"}, "1e\\+09 lies above the model's largest noise level"),
+    (call_generate, {"levels": "10, 1"}, "sampler ddim takes no chosen σ levels"),
+    (call_generate, {"sampler": "rk45", "levels": "10, 1"}, "sampler rk45 takes no chosen σ levels"),
+    (call_generate, {"sampler": "sde-euler-maruyama", "levels": "10, 1"},
+     "sde-euler-maruyama needs at least 20 evaluations, these levels give 2"),
+    (call_compare, {"base": {"sampler": "heun", "levels": "10, 1"}, "axes": {0: "steps", 1: "2, 4"}},
+     "the steps axis needs the σ levels field empty"),
     # ---- η / noise level, guidance
     (call_generate, {"noise": 1.5}, r"η / noise level must be in \[0, 1\]"),
     (call_generate, {"noise": math.nan}, "η / noise level must be a finite number"),

@@ -21,7 +21,7 @@ from schedulers.registry import KNOBS, MAX_STEPS, NOISE_KNOBS
 from webui import models, quality
 from webui.generate import INPUTS
 from webui.generate import stop as stop_session
-from webui.sampling import MAX_SEED, STOP, Job, Stopped, output_dir, parse_job, run_job, save_png, tile
+from webui.sampling import LEVELS_FIELD, MAX_SEED, STOP, Job, Stopped, output_dir, parse_job, run_job, save_png, tile
 from webui.validation import number, parse_values
 
 NO_AXIS = "—"
@@ -128,6 +128,8 @@ def make_handler(catalog: models.ModelCatalog):
         for unused in ("random_seed", "preview_every"):
             base.pop(unused)
         axes = parse_axes([(x_axis, x_values), (y_axis, y_values), (z_axis, z_values)])
+        if "steps" in dict(axes) and isinstance(base.get("levels"), str) and base["levels"].strip():
+            raise gr.Error(f"the steps axis needs the {LEVELS_FIELD} field empty: chosen levels set the steps")
         per_cell = number("images per cell", per_cell, 1, 16, integer=True)
         if metrics:
             samples = number("metric samples", samples, 20, quality.MAX_SAMPLES, integer=True)

@@ -17,6 +17,7 @@ from pipelines.diffusion import IMG2IMG_STRENGTH
 from schedulers.registry import MAX_STEPS
 from webui import models
 from webui.sampling import (
+    LEVELS_FIELD,
     MAX_BATCH,
     NOISE_FIELD,
     STOP,
@@ -85,6 +86,8 @@ def settings_text(job: Job, result) -> str:
         sampler = f"**{job.sampler}** (adaptive steps)"
     else:
         sampler = f"**{job.sampler}**, {job.steps} steps"
+        if job.levels is not None:
+            sampler += f" on σ levels {', '.join(f'{level:g}' for level in job.levels)}"
     if job.image is not None:
         sampler += f" · img2img from the image at strength {job.strength:g} ({job.steps_run} steps run)"
     return f"{sampler} · NFE {result.nfe} per image · {result.seconds:.2f} s · seed {job.seed}"
@@ -92,13 +95,13 @@ def settings_text(job: Job, result) -> str:
 
 def make_handler(catalog: models.ModelCatalog):
     def generate(model, sampler, steps, noise, guidance_mode, guidance_scale, reference, class_name, seed,
-                 random_seed, batch, resolution, backend, preview_every, image=None, strength=None,
+                 random_seed, batch, resolution, backend, preview_every, image=None, strength=None, levels=None,
                  request: gr.Request = None, progress=gr.Progress()):  # noqa: B008  (gradio injects the bar)
         """Outputs: gallery (PNG paths), preview, info, files to download, the seed used."""
         if random_seed:
             seed = secrets.randbelow(MAX_RANDOM_SEED)
         job = parse_job(catalog, model, sampler, steps, noise, guidance_mode, guidance_scale, class_name, seed,
-                        batch, resolution, backend, reference, image, strength)
+                        batch, resolution, backend, reference, image, strength, levels)
         every = number("preview every", preview_every, 0, MAX_STEPS, integer=True)
         for kind, *payload in stream(catalog, job, every, STOP.begin(request), progress):
             if kind == "preview":
@@ -135,7 +138,8 @@ def model_updates(catalog: models.ModelCatalog, name):
             gr.update(choices=modes, value=modes[-1] if len(modes) > 1 else modes[0]),
             gr.update(choices=classes, value=classes[0]),
             gr.update(choices=models.attention_backends(pipe), value=models.DEFAULT_BACKEND),
-            models.describe(loaded))
+            models.describe(loaded),
+            gr.update(visible=iterative))
 
 
 def noise_settings(sampler: str | None) -> dict:
@@ -185,6 +189,10 @@ def build(catalog: models.ModelCatalog) -> dict:
             w["sampler"] = gr.Dropdown(offered, value=models.default_sampler(offered), label="sampler",
                                        info="only the samplers that can drive this model", allow_custom_value=True)
             w["steps"] = gr.Slider(1, MAX_STEPS, value=models.DEFAULT_STEPS, step=1, label="steps")
+            w["levels"] = gr.Textbox(label=f"{LEVELS_FIELD} (optional; sets the steps)", max_lines=1,
+                                     placeholder="e.g. 80, 2: the noise levels to visit, descending",
+                                     info="a few-step model's intermediate levels, or any fixed-grid solver's σ grid "
+                                          "(a flow model's σ = t / (1 − t)); empty: the sampler's own grid")
             w["noise"] = gr.Slider(step=0.05, **noise_settings(models.default_sampler(offered)))
             with gr.Row():
                 w["guidance_mode"] = gr.Dropdown(modes, value=modes[-1], label="guidance", allow_custom_value=True)
@@ -220,7 +228,7 @@ def build(catalog: models.ModelCatalog) -> dict:
 def wire(catalog: models.ModelCatalog, w: dict) -> None:
     w["model"].change(lambda name: model_updates(catalog, name), w["model"],
                       [w["sampler"], w["steps"], w["noise"], w["guidance_mode"], w["class_name"], w["backend"],
-                       w["about"]], api_name="select_model")
+                       w["about"], w["levels"]], api_name="select_model")
     w["refresh"].click(lambda: gr.update(choices=list(catalog.listed())), None, w["model"], api_name=False)
     w["sampler"].change(lambda name, sampler, steps: (noise_update(sampler),
                                                       steps_update(catalog, name, sampler, steps)),
@@ -234,4 +242,4 @@ def wire(catalog: models.ModelCatalog, w: dict) -> None:
 
 
 INPUTS = ("model", "sampler", "steps", "noise", "guidance_mode", "guidance_scale", "reference", "class_name", "seed",
-          "random_seed", "batch", "resolution", "backend", "preview_every", "image", "strength")
+          "random_seed", "batch", "resolution", "backend", "preview_every", "image", "strength", "levels")

@@ -27,10 +27,13 @@ from diffusers.utils import make_image_grid
 import schedulers
 from pipelines.diffusion import MAX_GUIDANCE, check_noises_images, image_tensor, img2img_steps
 from schedulers.registry import MAX_STEPS
+from schedulers.sigma_base import SigmaSpaceScheduler
 from webui import models
-from webui.validation import batch_memory, choice, number, user_error
+from webui.validation import batch_memory, choice, number, parse_values, user_error
 
 NOISE_FIELD = "η / noise level"  # the one widget (and Compare axis) for whichever noise knob the sampler has
+LEVELS_FIELD = "σ levels"  # a chosen σ grid: a few-step model's intermediate levels, or any fixed-grid solver's grid
+MAX_LEVELS = 100
 MAX_BATCH = 64
 MAX_SEED = 2**63 - 1
 MAX_RESOLUTION = 512
@@ -57,6 +60,7 @@ class Job:
     reference: PIL.Image.Image | None = field(default=None, compare=False)
     image: PIL.Image.Image | None = field(default=None, compare=False)  # img2img's input (SDEdit)
     strength: float | None = None  # img2img's strength, with an image only
+    levels: tuple[float, ...] | None = None  # a chosen σ grid (descending), which sets the steps; None: the sampler's
 
     def settings(self) -> dict:
         """What reproduces the images (PNG metadata, CSV rows), besides the uploaded images themselves."""
@@ -75,10 +79,32 @@ class Result:
     seconds: float
 
 
+def parse_levels(text, spec: schedulers.SamplerSpec, scheduler_config: dict) -> tuple[tuple[float, ...], int] | None:
+    """The σ levels field (``80, 2``: descending noise levels, a final 0 optional) as (levels, the steps they make)
+    for ``spec`` on a model with ``scheduler_config``; None when it is empty. The levels become the scheduler's
+    ``tuned_sigmas``: the intermediate levels of multistep consistency sampling or of MeanFlow's jumps (for a flow
+    model σ = t / (1 − t)), or the grid of any fixed-grid σ-space solver."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if not issubclass(spec.scheduler_class, SigmaSpaceScheduler) or spec.adaptive:
+        raise gr.Error(f"sampler {spec.name} takes no chosen {LEVELS_FIELD} (only the σ-space samplers with a fixed "
+                       f"grid do); clear the field")
+    values = parse_values(LEVELS_FIELD, text, float, 0, math.inf, limit=MAX_LEVELS)
+    scheduler = user_error(lambda: spec.create(scheduler_config, tuned_sigmas=values))
+    high = scheduler.sigma_range()[1]
+    if values[0] > high * (1 + 1e-6):
+        raise gr.Error(f"{LEVELS_FIELD}: {values[0]:g} lies above the model's largest noise level σ_max = {high:g}")
+    if len(scheduler.timesteps) < spec.min_nfe:  # the grid laid out at construction is the chosen one
+        raise gr.Error(f"{LEVELS_FIELD}: {spec.name} needs at least {spec.min_nfe} evaluations, these levels give "
+                       f"{len(scheduler.timesteps)}")
+    return tuple(values), scheduler.default_inference_steps()
+
+
 def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidance_mode, guidance_scale, class_name,
-              seed, batch, resolution, backend, reference=None, image=None, strength=None) -> Job:
+              seed, batch, resolution, backend, reference=None, image=None, strength=None, levels=None) -> Job:
     """Check every setting against the model; ``gr.Error`` names the first bad one. With an ``image``, img2img
-    from it at ``strength`` (the pipeline's checks: the sampler can noise an image, the strength, the size)."""
+    from it at ``strength`` (the pipeline's checks: the sampler can noise an image, the strength, the size). With
+    ``levels`` (the σ levels field), the sampler runs that grid, and its length sets the steps."""
     loaded = catalog.load(model)
     pipe = loaded.pipe
     if loaded.scheduler_config is not None:
@@ -87,11 +113,18 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
         if models.is_tuned(sampler):  # tuned for these weights (checked), at the steps it runs, with no knob
             _, steps, entry = models.tuned_scheduler(loaded, sampler)
             spec, knob = schedulers.get_sampler(entry), None
+            if isinstance(levels, str) and levels.strip():
+                raise gr.Error(f"{sampler} runs the grid it was tuned on; clear the {LEVELS_FIELD}")
+            levels = None
         else:
             spec = user_error(schedulers.get_sampler, sampler)
             user_error(spec.check_fits, models.process(pipe), loaded.scheduler_config, model)
-            steps = number("steps", steps, 1, MAX_STEPS, integer=True)
             knob = spec.noise_knob
+            levels = parse_levels(levels, spec, loaded.scheduler_config)
+            if levels is None:
+                steps = number("steps", steps, 1, MAX_STEPS, integer=True)
+            else:
+                levels, steps = levels
         if knob is None:
             noise = None
         elif noise is None:  # left unset (the Evaluate tab): the sampler's own default
@@ -99,7 +132,7 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
         else:
             noise = user_error(knob.check, noise, NOISE_FIELD)
     else:
-        sampler, steps, noise = None, 1, None  # one network evaluation: a GAN or a VAE decoder
+        sampler, steps, noise, levels = None, 1, None, None  # one network evaluation: a GAN or a VAE decoder
     guidance_mode = choice("guidance mode", guidance_mode, models.guidance_modes(pipe))
     guidance_scale = number("guidance scale", guidance_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
     class_name = choice("class", class_name, models.class_choices(pipe))
@@ -136,7 +169,7 @@ def parse_job(catalog: models.ModelCatalog, model, sampler, steps, noise, guidan
         strength = float(strength)
         user_error(image_tensor, "image", image, (channels, height, width))
     return Job(model, sampler, steps, noise, guidance_mode, guidance_scale, class_name, seed, batch, resolution,
-               backend, reference, image, strength)
+               backend, reference, image, strength, levels)
 
 
 def _call_arguments(job: Job, loaded: models.LoadedModel, on_step, step_knobs: dict) -> dict:
@@ -184,6 +217,9 @@ def run_job(catalog: models.ModelCatalog, job: Job, on_step=None) -> Result:
                 knob = models.noise_knob(job.sampler)
                 step_knobs = pipe.set_sampler(job.sampler, {} if knob is None else {knob: job.noise},
                                               loaded.scheduler_config)
+                if job.levels is not None:
+                    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
+                                                                      tuned_sigmas=list(job.levels))
             models.set_attention_backend(pipe, job.backend)
             start = time.perf_counter()
             out = pipe(**_call_arguments(job, loaded, on_step, step_knobs))
