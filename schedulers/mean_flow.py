@@ -30,7 +30,7 @@ MEAN_FLOW_OBJECTIVES = ("mean-flow",)  # the objectives that train an average ve
           description="MeanFlow (Geng et al. 2025): jump z_r = z_t − (t − r) u(z_t, r, t) with the average "
                       "velocity; 1 step = 1 evaluation; MeanFlow models only")
 class MeanFlowScheduler(SigmaSpaceScheduler):
-    """MeanFlow's one- and few-step map over a σ grid (default ``sigma_schedule="flow"``: uniform in t).
+    """MeanFlow's one- and few-step map: n levels uniform in t from σ_max's t, then 0 (``default_grid``).
 
     ``set_timesteps(n)`` makes n jumps through n + 1 levels ending at 0 (``final_sigma="zero"``); chosen levels
     come as ``set_timesteps(sigmas=…)`` or ``timesteps=``. ``model_inputs(timestep)`` is the network's extra
@@ -44,6 +44,13 @@ class MeanFlowScheduler(SigmaSpaceScheduler):
             raise ValueError(f"mean_flow_objective must be one of {MEAN_FLOW_OBJECTIVES} or None, "
                              f"got {mean_flow_objective!r}")
         self._init_sigma_space()
+
+    def default_grid(self, num_inference_steps: int) -> torch.Tensor:
+        """n levels t_k = t_max (1 − k/n), k = 0 … n − 1, as σ = t / (1 − t): with the final 0, n equal jumps in t
+        (Alg. 2's grid from t_max, the t of σ_max, instead of 1), none spent on a last hop from σ_min."""
+        t_max = self.sigma_range()[1] / (1 + self.sigma_range()[1])
+        t = t_max * (1 - torch.arange(num_inference_steps, dtype=torch.float64) / num_inference_steps)
+        return t / (1 - t)
 
     def solver(self, x, sigmas, noise, start=0):
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):

@@ -145,14 +145,16 @@ def mean_flow_config() -> dict:
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_each_step_jumps_by_its_interval_with_the_average_velocity(steps):
-    """z_r = z_t − (t − r) u (eq. 5): the intervals chain the grid's levels to 0, so with a constant u the run
-    ends at z_1 − t_0 u whatever the number of steps, in one network call each."""
+    """z_r = z_t − (t − r) u (eq. 5): the intervals chain the grid's levels to 0, each an equal share of t_0 (no
+    evaluation spent on a last jump from σ_min), so with a constant u the run ends at z_1 − t_0 u whatever the
+    number of steps, in one network call each."""
     spec = schedulers.get_sampler("mean-flow")
     assert spec.nfe(steps, mean_flow_config()) == steps
     scheduler = spec.create(mean_flow_config())
     scheduler.set_timesteps(steps)
     intervals = torch.stack([scheduler.model_inputs(t)["interval"] for t in scheduler.timesteps])
     assert (intervals > 0).all() and intervals.sum().item() == pytest.approx(scheduler.timesteps[0].item(), rel=1e-5)
+    assert torch.allclose(intervals, intervals.mean().expand(steps), rtol=1e-4)
     noise, velocity = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
     x = noise * scheduler.init_noise_sigma
     z_start = scheduler.scale_model_input(x, scheduler.timesteps[0])
