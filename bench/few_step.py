@@ -4,8 +4,9 @@ Rows, every one scored as ``bench/models.py`` scores its models (feature-FID and
 500 held-out digits in the judge's features, the judge's accuracy on the intended digits, seconds per image on
 this machine), at NFE = network evaluations per image (classifier-free guidance doubles it):
 
-* each few-step model (``--few-step``: consistency and MeanFlow models, default the shipped ``checkpoints/mnist-cd``)
-  with its own sampler (``consistency`` or ``mean-flow``) at ``--steps`` (1, 2, 4) and each ``--guidance`` scale;
+* each few-step model (``--few-step``: consistency and MeanFlow models, default the shipped ``checkpoints/mnist-cd``
+  and ``checkpoints/mnist-meanflow``) with its own sampler (``consistency`` or ``mean-flow``) at ``--steps``
+  (1, 2, 4) and each ``--guidance`` scale;
 * its teacher (``--teacher``, default ``checkpoints/mnist-flow``) with the best tuned multi-step sampler at
   ``--teacher-nfe`` (4, 5, 10): the ``dpmpp-2m`` tuned for that NFE and those weights in ``MODEL_DIR/tuned/``
   (``python -m schedulers.tune``), else the stock ``dpmpp-2m`` (the row says which), unguided;
@@ -14,8 +15,8 @@ this machine), at NFE = network evaluations per image (classifier-free guidance 
 Every model draws the same class-balanced labels from the same seed. FID grows as the sample count shrinks,
 so compare rows of one run, not across runs.
 
-    python bench/few_step.py [--samples 1000] [--few-step checkpoints/mnist-cd] [--steps 1 2 4]
-                             [--guidance 1 3] [--teacher-nfe 4 5 10]
+    python bench/few_step.py [--samples 1000] [--few-step checkpoints/mnist-cd checkpoints/mnist-meanflow]
+                             [--steps 1 2 4] [--guidance 1 3] [--teacher-nfe 4 5 10]
 
 prints the table and writes bench/results/few_step.json and few_step.png (feature-FID and accuracy against
 NFE, one line per model and sampler).
@@ -103,7 +104,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python bench/few_step.py", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="images per row, equal per digit")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--few-step", type=Path, nargs="*", default=[ROOT / "checkpoints/mnist-cd"],
+    parser.add_argument("--few-step", type=Path, nargs="*",
+                        default=[ROOT / "checkpoints/mnist-cd", ROOT / "checkpoints/mnist-meanflow"],
                         help="consistency or MeanFlow models, each sampled with its own sampler")
     parser.add_argument("--steps", type=int, nargs="*", default=[1, 2, 4], help="the few-step models' steps")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0],
