@@ -6,7 +6,8 @@ this machine), at NFE = network evaluations per image (classifier-free guidance 
 
 * each few-step model (``--few-step``: consistency and MeanFlow models, default the shipped ``checkpoints/mnist-cd``
   and ``checkpoints/mnist-meanflow``) with its own sampler (``consistency`` or ``mean-flow``) at ``--steps``
-  (1, 2, 4) and each ``--guidance`` scale;
+  (1, 2, 4) and each ``--guidance`` scale (0.75 too: a MeanFlow model with guidance ω = 2 trained in is the plain
+  conditional model again at w = 0.5, so its best few-step scale lies below 1);
 * its teacher (``--teacher``, default ``checkpoints/mnist-flow``) with the best tuned multi-step sampler at
   ``--teacher-nfe`` (4, 5, 10): the ``dpmpp-2m`` tuned for that NFE and those weights in ``MODEL_DIR/tuned/``
   (``python -m schedulers.tune``), else the stock ``dpmpp-2m`` (the row says which), unguided;
@@ -16,7 +17,7 @@ Every model draws the same class-balanced labels from the same seed. FID grows a
 so compare rows of one run, not across runs.
 
     python bench/few_step.py [--samples 1000] [--few-step checkpoints/mnist-cd checkpoints/mnist-meanflow]
-                             [--steps 1 2 4] [--guidance 1 3] [--teacher-nfe 4 5 10]
+                             [--steps 1 2 4] [--guidance 0.75 1 3] [--teacher-nfe 4 5 10]
 
 prints the table and writes bench/results/few_step.json and few_step.png (feature-FID and accuracy against
 NFE, one line per model and sampler).
@@ -108,7 +109,7 @@ def main(argv=None):
                         default=[ROOT / "checkpoints/mnist-cd", ROOT / "checkpoints/mnist-meanflow"],
                         help="consistency or MeanFlow models, each sampled with its own sampler")
     parser.add_argument("--steps", type=int, nargs="*", default=[1, 2, 4], help="the few-step models' steps")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0],
+    parser.add_argument("--guidance", type=float, nargs="+", default=[0.75, 1.0, 3.0],
                         help="the few-step models' classifier-free guidance scales (1: off, NFE = steps)")
     parser.add_argument("--teacher", type=Path, default=ROOT / "checkpoints/mnist-flow")
     parser.add_argument("--teacher-nfe", type=int, nargs="*", default=[4, 5, 10])
