@@ -4,13 +4,14 @@ trajectories (issue #17).
 What a few-step ODE sampler gets wrong depends on the model: where its trajectories bend, the grid needs its points.
 So the grid is chosen the way LD3 (Tong et al. 2024) chooses it, and without data: from a batch of noise, a tight
 solution of the model's own probability-flow ODE (``dpmpp-3m`` on fine log-SNR steps) is the target, and the grid's
-interior points move, by Nelder–Mead in log σ, to bring the sampler's end from the same noise closest to it
-(mean squared error). Align-Your-Steps (Sabour et al. 2024) and GITS (Chen et al. 2024) choose the same kind of
-grid from other criteria; the anchors are in docs/samplers.md. For ``dpmpp-2m`` each candidate grid also gets its
-mean-value table (AMED, Zhou et al. 2024; ``schedulers.ode.fit_mean_value_points_to``) fitted against the tight
-trajectory, read off it at the grid's σ's; so grid and table are tuned together, at the cost of one plain run per
-candidate. The result is a registry scheduler whose config carries ``tuned_sigmas`` (and ``mean_value_points``):
-``set_timesteps(steps)`` then runs exactly the tuned grid, and ``save_pretrained`` / ``from_pretrained`` keep it.
+interior points move, by Nelder–Mead in log σ started from the best of the standard grids (``starting_grids``), to
+bring the sampler's end from the same noise closest to it (mean squared error). Align-Your-Steps (Sabour et al.
+2024) and GITS (Chen et al. 2024) choose the same kind of grid from other criteria; the anchors are in
+docs/samplers.md. For ``dpmpp-2m`` each candidate grid also gets its mean-value table (AMED, Zhou et al. 2024;
+``schedulers.ode.fit_mean_value_points_to``) fitted against the tight trajectory, read off it at the grid's σ's;
+so grid and table are tuned together, at the cost of one plain run per candidate. The result is a registry
+scheduler whose config carries ``tuned_sigmas`` (and ``mean_value_points``): ``set_timesteps(steps)`` then runs
+exactly the tuned grid, and ``save_pretrained`` / ``from_pretrained`` keep it.
 
     tuning = tune_sampler(unet, pipe.scheduler.config, sampler="dpmpp-2m", nfe=5, sample_shape=(1, 28, 28))
     scheduler, steps = tuning                 # unpacks as the pair; tuning.rmse etc. hold the numbers
@@ -38,11 +39,12 @@ import torch
 
 from .ode import WEIGHTINGS, dpmpp_multistep, drive_solver, fit_mean_value_points_to, least_squares_metric
 from .registry import get_sampler
-from .sigmas import log_snr_sigmas
+from .sigmas import log_snr_sigmas, make_sigmas
 
 TUNABLE = ("euler", "heun", "midpoint", "dpmpp-2m", "dpmpp-3m", "flow-heun")  # deterministic fixed-step σ-space
 WITH_TABLE = {"dpmpp-2m": "dpmpp-2m-mv"}  # sampler → the entry that runs it with a fitted mean-value table
 REFERENCE_STEPS = 200  # log-SNR steps of the tight solution (dpmpp-3m): its error is far below a tuned grid's
+START_SCHEDULES = ("log_snr", "karras", "flow")  # standard grids the search may start from (VP models add uniform_t)
 
 
 class TuningStopped(Exception):
@@ -147,6 +149,27 @@ def _theta(grid: torch.Tensor) -> np.ndarray:
     return np.log(np.expm1(gaps))
 
 
+def starting_grids(scheduler, steps: int, model_process: str) -> dict[str, torch.Tensor]:
+    """The standard grids of ``steps`` steps from σ_max to the final 0 that the search starts from the best of.
+
+    Each of ``START_SCHEDULES`` (and, for a VP model, its uniform training-time grid) in two spacings: ``steps``
+    points down to σ_min then 0 ("leading", the project's stock layout), and ``steps + 1`` points with σ_min
+    replaced by the 0 ("trailing": the last evaluation higher up, as diffusers' trailing spacing and its FlowMatch
+    Euler lay it out). Which one is closest to the tight solution depends on the model: on ``mnist-flow`` at NFE 10
+    the trailing uniform flow-time grid is 3× closer than the log-SNR grid, and a Nelder–Mead search started at the
+    log-SNR grid does not get there in the runs a tune can afford."""
+    sigma_min, sigma_max = scheduler.sigma_range()
+    zero = torch.zeros(1, dtype=torch.float64)
+    grids = {}
+    for kind in START_SCHEDULES + (("uniform_t",) if model_process == "vp" else ()):
+        for spacing, points in (("leading", steps), ("trailing", steps + 1)):
+            grid = make_sigmas(kind, points, scheduler.schedule, sigma_min, sigma_max, scheduler.config.rho)[:steps]
+            grid[0] = sigma_max  # the pipeline's initial noise is drawn at σ_max
+            if torch.all(grid[1:] < grid[:-1]) and grid[-1] > 0:
+                grids[f"{kind} {spacing}"] = torch.cat([grid, zero])
+    return grids
+
+
 def _checked_request(sampler: str, nfe: int, scheduler_config: dict, model_process: str):
     if sampler not in TUNABLE:
         raise ValueError(f"sampler {sampler!r} cannot be tuned: tuning fits a deterministic fixed-step σ-space "
@@ -176,9 +199,9 @@ def tune_sampler(model, scheduler_config: dict, sampler: str = "dpmpp-2m", nfe: 
     ``scheduler_config``: the model's scheduler config (any diffusers or project scheduler's), which gives the
     training process; ``model_process``: the process the model records (``vp``, ``flow``, ``edm``).
     ``samples`` starts of seeded noise (``seed``) tune it, ``validation`` more (default as many, seed + 1) score
-    it. ``class_labels``: one label per start, or None. ``max_runs``: candidate grids to try (default 40 per free
-    point). ``table``: fit a mean-value table too (default: for the samplers that have one, ``dpmpp-2m``);
-``weighting``: its least-squares metric (``fit_mean_value_points``).
+    it. ``class_labels``: one label per start, or None. ``max_runs``: candidate grids to try, the standard starting
+    grids included (default 40 per free point). ``table``: fit a mean-value table too (default: for the samplers
+    that have one, ``dpmpp-2m``); ``weighting``: its least-squares metric (``fit_mean_value_points``).
     ``progress(done, total, best_rmse)`` after each candidate; ``should_stop()`` stops it (``TuningStopped``).
     """
     if weighting not in WEIGHTINGS:
@@ -224,7 +247,9 @@ def tune_sampler(model, scheduler_config: dict, sampler: str = "dpmpp-2m", nfe: 
     stock.set_timesteps(steps)
     stock_grid = stock.sigmas.clone()
     history = []
-    total = max_runs or 40 * (len(stock_grid) - 2)
+    start_grids = starting_grids(stock, steps, model_process)
+    free = len(stock_grid) - 2
+    total = max(max_runs or 40 * free, len(start_grids) + free + 1)  # at least the starts and one simplex
 
     def loss(theta):
         if should_stop is not None and should_stop():
@@ -235,11 +260,11 @@ def tune_sampler(model, scheduler_config: dict, sampler: str = "dpmpp-2m", nfe: 
             progress(len(history), total, min(history))
         return history[-1]
 
-    theta0 = _theta(stock_grid)
+    theta0 = min((_theta(grid) for grid in start_grids.values()), key=loss)
     simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(len(theta0))])
     result = scipy.optimize.minimize(loss, theta0, method="Nelder-Mead",
-                                     options={"maxfev": total, "initial_simplex": simplex, "xatol": 1e-3,
-                                              "fatol": 1e-7})
+                                     options={"maxfev": max(total - len(history), len(theta0) + 1),
+                                              "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
     grid = _grid(result.x, sigma_max)
     _, points = run(grid, batches["train"])
     entry = WITH_TABLE[sampler] if with_table else sampler
