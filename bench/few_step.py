@@ -9,15 +9,16 @@ this machine), at NFE = network evaluations per image (classifier-free guidance 
   (1, 2, 4) and each ``--guidance`` scale (0.75 too: a MeanFlow model with guidance ω = 2 trained in is the plain
   conditional model again at w = 0.5, so its best few-step scale lies below 1);
 * its teacher (``--teacher``, default ``checkpoints/mnist-flow``) with the best tuned multi-step sampler at
-  ``--teacher-nfe`` (4, 5, 10): the ``dpmpp-2m`` tuned for that NFE and those weights in ``MODEL_DIR/tuned/``
+  ``--teacher-nfe`` (4, 5, 10, 20): the ``dpmpp-2m`` tuned for that NFE and those weights in ``MODEL_DIR/tuned/``
   (``python -m schedulers.tune``), else the stock ``dpmpp-2m`` (the row says which), unguided;
 * the GAN-QP baseline (``--gan``), one evaluation of its generator.
 
 Every model draws the same class-balanced labels from the same seed. FID grows as the sample count shrinks,
-so compare rows of one run, not across runs.
+so compare rows of one run, not across runs: the "× teacher" column divides each row's feature-FID by the
+teacher's at its largest NFE in the same run (the distilled model's goal is 2× at 2 NFE).
 
     python bench/few_step.py [--samples 1000] [--few-step checkpoints/mnist-cd checkpoints/mnist-meanflow]
-                             [--steps 1 2 4] [--guidance 0.75 1 3] [--teacher-nfe 4 5 10]
+                             [--steps 1 2 4] [--guidance 0.75 1 3] [--teacher-nfe 4 5 10 20]
 
 prints the table and writes bench/results/few_step.json and few_step.png (feature-FID and accuracy against
 NFE, one line per model and sampler).
@@ -112,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, nargs="+", default=[0.75, 1.0, 3.0],
                         help="the few-step models' classifier-free guidance scales (1: off, NFE = steps)")
     parser.add_argument("--teacher", type=Path, default=ROOT / "checkpoints/mnist-flow")
-    parser.add_argument("--teacher-nfe", type=int, nargs="*", default=[4, 5, 10])
+    parser.add_argument("--teacher-nfe", type=int, nargs="*", default=[4, 5, 10, 20])
     parser.add_argument("--gan", type=Path, default=ROOT / "checkpoints/mnist-gan-qp")
     parser.add_argument("--judge", type=Path, default=ROOT / DEFAULT_JUDGE_PATH)
     parser.add_argument("--out", type=Path, default=RESULTS / "few_step.json")
@@ -132,7 +133,8 @@ def main(argv=None):
     real, _ = heldout_digits()
     labels = class_balanced_labels(NUM_CLASSES, args.samples)
     rows = []
-    results = {"benchmark": "few_step", **machine_info(), "samples": args.samples, "seed": args.seed, "rows": rows}
+    results = {"benchmark": "few_step", **machine_info(), "samples": args.samples, "seed": args.seed,
+               "teacher": shown(args.teacher), "rows": rows}
     for run in tqdm(runs(args), desc="rows"):
         rows.append(sample_row(run, labels, args.seed, judge, real))
         write_results(args.out, results)  # a run cut off keeps the rows it finished
@@ -143,12 +145,21 @@ def main(argv=None):
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
+def teacher_reference(results: dict) -> dict | None:
+    """The teacher's row at its largest NFE: the image quality the few-step models are distilled towards."""
+    teacher = [row for row in results["rows"] if row["path"] == results.get("teacher")]
+    return max(teacher, key=lambda row: row["nfe"]) if teacher else None
+
+
 def table(results: dict) -> str:
-    lines = ["| model and sampler | steps | NFE | feature-FID | accuracy | precision | recall | s/image |",
-             "|---|---|---|---|---|---|---|---|"]
+    reference = teacher_reference(results)
+    heading = f"× teacher at NFE {reference['nfe']}" if reference else "× teacher"
+    lines = [f"| model and sampler | steps | NFE | feature-FID | {heading} | accuracy | precision | recall | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         sampler = "" if r["sampler"] is None or r["sampler"] in r["family"] else f" ({r['sampler']})"
-        lines.append(f"| {r['family']}{sampler} | {r['steps'] or '—'} | {r['nfe']} | {r['fid']:.2f} | "
+        ratio = f"{r['fid'] / reference['fid']:.2f}" if reference else "—"
+        lines.append(f"| {r['family']}{sampler} | {r['steps'] or '—'} | {r['nfe']} | {r['fid']:.2f} | {ratio} | "
                      f"{r['accuracy']:.1%} | {r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_image']:.4f} |")
     return "\n".join(lines)
 
