@@ -190,8 +190,11 @@ def test_unconditional_model_and_default_backend(catalog):
 
 
 def test_model_change_updates_the_widgets(catalog):
-    sampler, steps, noise, mode, classes, backend, about, levels = generate.model_updates(catalog, "tiny-uncond")
+    sampler, steps, noise, mode, classes, backend, about, levels = generate.model_updates(catalog, "tiny-uncond", 7)
     assert sampler["value"] == "ddim" and "analytic-ddpm" not in sampler["choices"] and levels["visible"] is True
+    # the steps slider is set for the new sampler in the same response: no chained sampler event can reset it
+    assert steps == {**generate.steps_update(catalog, "tiny-uncond", "ddim", 7), "visible": True}
+    assert steps["value"] == 7
     assert classes["choices"] == [models.UNCONDITIONAL] and mode["choices"] == ["none"]
     assert "toy" in about
 
@@ -215,8 +218,8 @@ def test_chosen_sigma_levels_are_the_samplers_grid_and_set_the_steps(catalog):
     assert "**euler**, 3 steps on σ levels 20, 2, 0.5 · NFE 6 per image" in info  # guidance doubles it
     scheduler = catalog.load("mnist-exact").pipe.scheduler
     assert scheduler.sigmas.tolist() == pytest.approx([20, 2, 0.5, 0])
-    job = parse_job(catalog, **{**{k: GENERATE[k] for k in generate.INPUTS if k not in ("random_seed", "preview_every")},
-                                "sampler": "euler", "steps": 6, "levels": " "})
+    settings = {k: GENERATE[k] for k in generate.INPUTS if k not in ("random_seed", "preview_every")}
+    job = parse_job(catalog, **{**settings, "sampler": "euler", "steps": 6, "levels": " "})
     assert job.levels is None and job.steps == 6
     run_job(catalog, job)
     assert len(catalog.load("mnist-exact").pipe.scheduler.sigmas) == 7

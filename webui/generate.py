@@ -123,8 +123,10 @@ def make_handler(catalog: models.ModelCatalog):
     return generate
 
 
-def model_updates(catalog: models.ModelCatalog, name):
-    """Widget updates for a newly chosen model: only what it can use is shown."""
+def model_updates(catalog: models.ModelCatalog, name, steps=models.DEFAULT_STEPS):
+    """Widget updates for a newly chosen model: only what it can use is shown, and the steps slider is set for
+    its default sampler here, in the same response (a chained sampler event could overwrite a steps value typed
+    in the meantime)."""
     loaded = catalog.load(name)
     pipe = loaded.pipe
     offered = models.samplers(loaded)
@@ -133,7 +135,7 @@ def model_updates(catalog: models.ModelCatalog, name):
     modes = models.guidance_modes(pipe)
     iterative = loaded.scheduler_config is not None  # a GAN or VAE samples in one evaluation: no sampler, no steps
     return (gr.update(choices=offered, value=sampler, visible=iterative),
-            gr.update(visible=iterative),
+            {**steps_update(catalog, name, sampler, steps), "visible": iterative},
             noise_update(sampler),
             gr.update(choices=modes, value=modes[-1] if len(modes) > 1 else modes[0]),
             gr.update(choices=classes, value=classes[0]),
@@ -226,13 +228,14 @@ def build(catalog: models.ModelCatalog) -> dict:
 
 
 def wire(catalog: models.ModelCatalog, w: dict) -> None:
-    w["model"].change(lambda name: model_updates(catalog, name), w["model"],
+    w["model"].change(lambda name, steps: model_updates(catalog, name, steps), [w["model"], w["steps"]],
                       [w["sampler"], w["steps"], w["noise"], w["guidance_mode"], w["class_name"], w["backend"],
                        w["about"], w["levels"]], api_name="select_model")
     w["refresh"].click(lambda: gr.update(choices=list(catalog.listed())), None, w["model"], api_name=False)
-    w["sampler"].change(lambda name, sampler, steps: (noise_update(sampler),
-                                                      steps_update(catalog, name, sampler, steps)),
-                        [w["model"], w["sampler"], w["steps"]], [w["noise"], w["steps"]], api_name=False)
+    # .input: the user's own choice only; a model change sets the sampler, noise and steps itself
+    w["sampler"].input(lambda name, sampler, steps: (noise_update(sampler),
+                                                     steps_update(catalog, name, sampler, steps)),
+                       [w["model"], w["sampler"], w["steps"]], [w["noise"], w["steps"]], api_name=False)
     w["guidance_mode"].change(lambda mode: gr.update(visible=mode in models.NEEDS_REFERENCE), w["guidance_mode"],
                               w["reference"], api_name=False)
     inputs = [w[k] for k in INPUTS]
