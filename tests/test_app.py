@@ -199,6 +199,14 @@ def test_model_change_updates_the_widgets(catalog):
     assert "toy" in about
 
 
+def test_a_model_that_records_its_steps_sets_the_slider(catalog):
+    # mnist-udm-blur's cold-diffusion rule is best at 10 steps (its README's sweep): model_info["default_steps"]
+    assert models.default_steps(catalog.load("mnist-udm-blur")) == 10
+    _, steps, *_ = generate.model_updates(catalog, "mnist-udm-blur", 25)
+    assert steps["value"] == 10
+    assert models.default_steps(catalog.load("tiny-uncond")) is None
+
+
 def test_the_steps_slider_starts_at_the_samplers_fewest_steps(catalog):
     least = schedulers.get_sampler("sde-euler-maruyama").min_steps()
     assert least > 4  # a reference discretization that needs many steps (its spec's min_nfe)

@@ -126,8 +126,10 @@ def make_handler(catalog: models.ModelCatalog):
 def model_updates(catalog: models.ModelCatalog, name, steps=models.DEFAULT_STEPS):
     """Widget updates for a newly chosen model: only what it can use is shown, and the steps slider is set for
     its default sampler here, in the same response (a chained sampler event could overwrite a steps value typed
-    in the meantime)."""
+    in the meantime): to the model's recommended steps if it records them (``models.default_steps``), else it
+    keeps ``steps``."""
     loaded = catalog.load(name)
+    steps = models.default_steps(loaded) or steps
     pipe = loaded.pipe
     offered = models.samplers(loaded)
     sampler = models.default_sampler(offered)

@@ -190,6 +190,14 @@ def noise_knob(sampler: str | None) -> str | None:
     return None if knob is None else knob.name
 
 
+def default_steps(loaded: LoadedModel) -> int | None:
+    """The step count a model recommends for its default sampler, ``model_info["default_steps"]`` (e.g. 10 for
+    ``mnist-udm-blur``, whose cold-diffusion rule loses accuracy with more steps: its README's sweep); None when the
+    model records none, and the steps slider keeps its value."""
+    steps = model_info(loaded.pipe).get("default_steps")
+    return None if steps is None else int(steps)
+
+
 def sample_shape(pipe) -> tuple[int, int, int]:
     if hasattr(pipe, "sample_shape"):
         return tuple(pipe.sample_shape)
