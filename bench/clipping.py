@@ -12,12 +12,12 @@ A rule helps where it lowers feature-FID without costing accuracy; ``verdict`` i
 guidance scale, which rule is best on feature-FID and by how much it beats ``none``, and the samplers' default
 (off) follows from it.
 
-    python bench/clipping.py [--models checkpoints/mnist-flow checkpoints/mnist-vp-v] [--samples 500]
+    python bench/clipping.py [--models checkpoints/mnist-flow checkpoints/mnist-vp] [--samples 500]
                              [--steps 20] [--guidance 1 3] [--quick]
 
 prints the table and writes bench/results/clipping.json (rewritten after every row) and clipping.png (feature-FID
 per rule, one panel per model). ``--quick`` is a smoke run: 20 samples, 2 steps, one model, into
-clipping-quick.json. Models can run as separate processes (``--models checkpoints/mnist-vp-v --out
+clipping-quick.json. Models can run as separate processes (``--models checkpoints/mnist-vp --out
 bench/results/clipping-vp.json``) and be joined afterwards:
 
     python bench/clipping.py --merge bench/results/clipping-flow.json bench/results/clipping-vp.json
@@ -40,7 +40,7 @@ from train.evaluate_model import X0_CLIPPING, evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("checkpoints/mnist-flow", "checkpoints/mnist-vp-v")
+MODELS = ("checkpoints/mnist-flow", "checkpoints/mnist-vp")
 QUICK = {"models": ["checkpoints/mnist-flow"], "samples": 20, "steps": 2, "guidance": [1.0, 3.0]}
 
 

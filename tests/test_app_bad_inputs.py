@@ -118,7 +118,7 @@ CASES = [
     (call_generate, {"batch": 0}, r"batch size must be in \[1, 64\]"),
     (call_generate, {"batch": 10**4}, r"batch size must be in \[1, 64\]"),
     (call_generate, {"model": "mnist-vp", "batch": 64, "resolution": 256}, "batch size × resolution is too large"),
-    (call_generate, {"model": "mnist-vp", "resolution": 36}, "resolution must be a multiple of 8"),
+    (call_generate, {"model": "mnist-vp", "resolution": 30}, "resolution must be a multiple of 4"),
     (call_generate, {"resolution": 64}, "samples only at its trained size 32×32"),
     (call_generate, {"resolution": 10**5}, r"resolution must be in \[0, 512\]"),
     (call_generate, {"backend": "cuda-magic"}, "attention backend 'cuda-magic' is not one of"),

@@ -1,10 +1,11 @@
 """The noise-conditional classifier: its save/load round trip and the shipped checkpoint's accuracy by noise level."""
 
+import pytest
 import torch
 
 from data import load_dataset
 from models.classifier import NoisyClassifier
-from train.classifier import accuracy_per_noise_level, noised
+from train.classifier import accuracy_per_noise_level, main, noised
 
 
 def test_noisy_classifier_round_trips_through_safetensors(tmp_path):
@@ -27,10 +28,20 @@ def test_noised_inputs_follow_the_classifier_schedule():
     assert torch.allclose(x_t, alpha.float()[:, None, None, None] * x0 + beta.float()[:, None, None, None] * noise)
 
 
-def test_shipped_classifier_reads_clean_digits_and_knows_nothing_at_full_noise():
+@pytest.mark.parametrize("size", [32, 28])  # trained at 32×32; the 28×28 models guide it at their native size
+def test_shipped_classifier_reads_clean_digits_and_knows_nothing_at_full_noise(size):
     torch.set_num_threads(1)
     classifier = NoisyClassifier.from_pretrained("checkpoints/mnist-noisy-classifier").eval()
-    images, labels = load_dataset("mnist", image_size=32, split="heldout").tensors()
+    images, labels = load_dataset("mnist", image_size=size, split="heldout").tensors()
     accuracy = accuracy_per_noise_level(classifier, images, labels, timesteps=(0, 200, 999))
-    assert accuracy[0] >= 0.95 and accuracy[200] >= 0.9  # README: 97.4% and 97.2%
+    assert accuracy[0] >= 0.95 and accuracy[200] >= 0.9  # README: 97.4% / 97.2% at 32×32, 96.8% / 96.6% at 28×28
     assert accuracy[999] <= 0.2  # σ = 157: chance is 10%
+
+
+def test_training_writes_the_model_and_an_accuracy_table_at_both_sizes(tmp_path):
+    torch.set_num_threads(1)
+    main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--cpu"])
+    readme = (tmp_path / "README.md").read_text()
+    assert "| t | σ | accuracy at 32×32 | accuracy at 28×28 |" in readme
+    assert len([line for line in readme.splitlines() if line.startswith("| 999 | 157 |")]) == 1
+    assert NoisyClassifier.from_pretrained(tmp_path).config.num_train_timesteps == 1000
