@@ -15,10 +15,10 @@ the model's own trajectories, with no data. Two parts:
   issue's bar: tuned NFE 5 within 20% and NFE 10 within 10% of the reference's feature-FID.
 
     python bench/tuning.py [--model checkpoints/mnist-flow] [--samples 1000] [--nfe 5 10] [--reference-steps 1000]
-                           [--tune-samples 64] [--skip-model] [--quick]
+                           [--tune-samples 64] [--skip-model] [--skip-mixtures] [--quick] [--out JSON]
 
-prints the tables and writes bench/results/tuning.json (rewritten after every row). ``--quick``: 100 samples, a
-100-step reference, 16 tuning starts, one mixture (a smoke run, written to tuning-quick.json).
+prints the tables and writes bench/results/tuning.json or ``--out`` (rewritten after every row). ``--quick``: 100
+samples, a 100-step reference, 16 tuning starts, one mixture (a smoke run, written to tuning-quick.json).
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def model_rows(args, results: dict, out: Path) -> None:
 def markdown(results: dict) -> str:
     """The tables for docs/benchmarks.md."""
     lines = ["| mixture | NFE | tuned dpmpp-2m | stock dpmpp-2m | diffusers 2M, best sliced-W2 |",
-             "|---|---|---|---|---|"]
+             "|---|---|---|---|---|"] if results["mixtures"] else []  # none with --skip-mixtures
     cell = "{sw2_gap:.4f} / {nll_gap:+.1f}".format
     keyed = {}
     for row in results["mixtures"]:
@@ -191,8 +191,9 @@ def markdown(results: dict) -> str:
                      f"({best['sampler'].removeprefix('DPM++2M ')}) |")
     model = results.get("model")
     if model and model.get("summary"):
-        lines += ["", f"{model['model']}, {model['samples']} samples, guidance 1 (floor "
-                      f"{model['real_fid_floor']:.2f}):", "",
+        lines += [""] if lines else []
+        lines += [f"{model['model']}, {model['samples']} samples, guidance 1 (floor "
+                  f"{model['real_fid_floor']:.2f}):", "",
                   f"| NFE | tuned feature-FID | best built-in | its feature-FID | reference: {REFERENCE_SAMPLER}, "
                   f"{model['rows'][0]['steps']} steps |",
                   "|---|---|---|---|---|"]
@@ -214,12 +215,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-model", action="store_true", help="only the exact mixtures")
     parser.add_argument("--skip-mixtures", action="store_true", help="only the shipped model")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default bench/results/tuning.json, tuning-quick.json with --quick)")
     args = parser.parse_args(argv)
     check_positive(parser, args, ("samples", "reference_steps", "tune_samples"))
     if args.quick:
         args.samples, args.reference_steps, args.tune_samples = 100, 100, 16
     diffusers_logging.disable_progress_bar()
-    out = RESULTS / ("tuning-quick.json" if args.quick else "tuning.json")
+    out = args.out or RESULTS / ("tuning-quick.json" if args.quick else "tuning.json")
     results = {"benchmark": "tuning", **machine_info(), "sampler": SAMPLER, "nfe": args.nfe,
                "mixture_samples": MIXTURE_SAMPLES, "mixtures": []}
     started = time.perf_counter()
