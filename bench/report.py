@@ -68,13 +68,16 @@ BENCHMARKS = (
                                        "--samplers", "euler-ancestral", "dpmpp-2m", "--reference-steps", "1000",
                                        "--out", "bench/results/quality_vs_nfe-flow.json"),)),
     Benchmark("tuning", commands=(("--samples", "500", "--reference-steps", "100"),)),
+    Benchmark("tuning", variant="vp", quick=None, quick_skip="the first tuning entry smoke-tests the script",
+              commands=(("--model", "checkpoints/mnist-vp", "--skip-mixtures", "--samples", "500",
+                         "--reference-steps", "100", "--out", "bench/results/tuning-vp.json"),)),
     Benchmark("clipping", commands=tuple(
         ("--models", f"checkpoints/{model}", "--samples", "300", "--guidance", "1", "2", "3", "--out",
-         f"bench/results/clipping-{name}.json") for model, name in (("mnist-flow", "flow"), ("mnist-vp-v", "vp")))
+         f"bench/results/clipping-{name}.json") for model, name in (("mnist-flow", "flow"), ("mnist-vp", "vp")))
         + (("--merge", "bench/results/clipping-flow.json", "bench/results/clipping-vp.json"),)),
     Benchmark("guidance", commands=(
-        ("--samples", "1000", "--steps", "25", "--scales", "0", "1", "2", "3", "4", "8", "--modes", "classifier-free",
-         "--name", "guidance-cfg"),
+        ("--samples", "1000", "--steps", "25", "--scales", "0", "1", "2", "3", "4", "6", "8", "--modes",
+         "classifier-free", "--name", "guidance-cfg"),
         ("--samples", "1000", "--steps", "25", "--scales", "1", "2", "4", "8", "16", "32", "64", "--modes",
          "classifier", "--name", "guidance-classifier"),
         ("--merge", "bench/results/guidance-cfg.json", "bench/results/guidance-classifier.json")),
@@ -85,7 +88,7 @@ BENCHMARKS = (
     Benchmark("few_step", commands=(("--samples", "1000"),),
               quick=(("--samples", "20", "--steps", "1", "--guidance", "1", "--teacher-nfe", "4", "--out",
                       "bench/results/few_step-quick.json"),)),
-    Benchmark("resolution", commands=(("--per-class", "2", "--steps", "15"),), quick=None,
+    Benchmark("resolution", commands=(("--per-class", "20", "--steps", "25"),), quick=None,
               quick_skip="it has no output option, so a small run would overwrite its committed results"),
     Benchmark("attention", quick=(("--dtypes", "float16", "--time-budget", "30", "--skip-unet", "--out",
                                    "bench/results/attention-quick.json"),), needs_cuda=True,

@@ -1,11 +1,12 @@
-"""Resolution extrapolation: sample a 32×32-trained model at 64×64, with and without entropy-invariant attention.
+"""Resolution extrapolation: sample a model at twice its trained size, with and without entropy-invariant attention.
 
-At 64×64 every attention block sees 4× the tokens it was trained on, which flattens its softmax (the entropy
-grows like log n). The entropy-invariant scale (Su 2021; seed spec §4.1) multiplies the logits by
+At twice the side every attention block sees 4× the tokens it was trained on, which flattens its softmax (the
+entropy grows like log n). The entropy-invariant scale (Su 2021; seed spec §4.1) multiplies the logits by
 log(n)/log(n0), n0 the block's training length, which keeps the entropy as trained. Each block gets its own n0,
-measured with forward hooks at the training size, so the multiplier is exactly 1 at 32×32.
+measured with forward hooks at the training size, so the multiplier is exactly 1 there.
 
-The judge classifies 64×64 samples after 2×2 average pooling to its 32×32 input.
+The judge classifies the large samples after 2×2 average pooling to the trained size (``mnist-vp``: 56×56
+pooled to 28×28).
 
     python bench/resolution.py [--model checkpoints/mnist-vp] [--per-class 20] [--steps 50] [--guidance 3]
 
@@ -62,7 +63,7 @@ def set_attention(pipe: DiffusionImagePipeline, lengths: dict[Attention, int], e
 def markdown(results: dict) -> str:
     """The table of the three variants and the sample grids (one row of grids per variant)."""
     lines = [f"{results['per_class']} samples per digit, {results['steps']} steps, guidance {results['guidance']:g}; "
-             "64×64 samples are judged after 2×2 average pooling.", "",
+             "samples at twice the trained size are judged after 2×2 average pooling.", "",
              "| variant | judge accuracy | seconds |", "|---|---|---|"]
     lines += [f"| {r['variant']} | {r['judge_accuracy']:.1%} | {r['seconds']:.0f} |" for r in results["rows"]]
     lines += ["", "![samples per variant, top to bottom as in the table](resolution-extrapolation.png)"]

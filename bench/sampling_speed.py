@@ -89,7 +89,9 @@ class FreeNetwork(torch.nn.Module):
 
 
 def bare_loop(network, ddim: DiffusersDDIM, batch_size: int, steps: int) -> Callable[[], torch.Tensor]:
-    """The DDIM (η = 0) sampler as a plain loop: one network call and two fused multiply-adds per step."""
+    """The DDIM (η = 0) sampler as a plain loop: one network call and two fused multiply-adds per step. The
+    network's output converts to ε linearly in (output, x) — ε itself; ε = ᾱ v + β̄ x for v-prediction (Salimans &
+    Ho 2022); ε = (x − ᾱ x̂0)/β̄ for x0-prediction — so the conversion folds into the step's two coefficients."""
     ddim.set_timesteps(steps)
     timesteps = ddim.timesteps
     signal = ddim.alphas_cumprod.double().sqrt()
@@ -97,17 +99,26 @@ def bare_loop(network, ddim: DiffusersDDIM, batch_size: int, steps: int) -> Call
     # each step goes to the next grid timestep, the last one to clean data (ᾱ = 1, β̄ = 0: set_alpha_to_one)
     to_signal = [float(signal[t]) for t in timesteps[1:]] + [1.0]
     to_noise = [float(noise[t]) for t in timesteps[1:]] + [0.0]
-    coefficients = [(to_signal[i] / float(signal[t]), to_noise[i] - to_signal[i] * float(noise[t] / signal[t]))
-                    for i, t in enumerate(timesteps)]
+    eps_from = {"epsilon": lambda a, b: (1.0, 0.0), "v_prediction": lambda a, b: (a, b),  # ε = out·c_out + x·c_x
+                "sample": lambda a, b: (-a / b, 1.0 / b)}
+    if ddim.config.prediction_type not in eps_from:
+        raise ValueError(f"the bare loop knows prediction types {', '.join(eps_from)}, not "
+                         f"{ddim.config.prediction_type!r}")
+    coefficients = []
+    for i, t in enumerate(timesteps):
+        a, b = float(signal[t]), float(noise[t])
+        scale, eps_scale = to_signal[i] / a, to_noise[i] - to_signal[i] * b / a  # x' = scale · x + eps_scale · ε
+        c_out, c_x = eps_from[ddim.config.prediction_type](a, b)
+        coefficients.append((scale + eps_scale * c_x, eps_scale * c_out))
     labels = torch.full((batch_size,), network.config.num_class_embeds - 1)
     shape = (batch_size, network.config.in_channels, network.config.sample_size, network.config.sample_size)
 
     @torch.no_grad()
     def run() -> torch.Tensor:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
-        for t, (scale, eps_scale) in zip(timesteps, coefficients):
-            eps = network(x, t, class_labels=labels).sample
-            x = scale * x + eps_scale * eps  # ᾱ_prev/ᾱ · x + (β̄_prev − ᾱ_prev β̄/ᾱ) · ε
+        for t, (x_scale, out_scale) in zip(timesteps, coefficients):
+            out = network(x, t, class_labels=labels).sample
+            x = x_scale * x + out_scale * out  # ᾱ_prev/ᾱ · x + (β̄_prev − ᾱ_prev β̄/ᾱ) · ε, ε from the output
         return (x / 2 + 0.5).clamp(0, 1)
 
     return run

@@ -1,0 +1,43 @@
+"""bench/sampling_speed.py's bare DDIM loop is the reference its rows are checked against: for every prediction
+type it converts, it must give the pipeline's DDIM images from the same noise."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from pipelines import DiffusionImagePipeline
+from schedulers import DDIMScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_sampling_speed", ROOT / "bench" / "sampling_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_bare_loop_matches_the_pipelines_ddim(prediction_type):
+    bench = _load_bench()
+    torch.manual_seed(0)
+    network = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                          down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                          layers_per_block=1, norm_num_groups=4, num_class_embeds=3).eval()
+    scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True)
+    rows = bench.runners(DiffusionImagePipeline(network, scheduler), network, batch_size=2, steps=5)
+    bare, ours = rows[bench.BARE](), rows["ours, DDIM"]()
+    assert torch.allclose(bare, ours, atol=1e-4), (bare - ours).abs().max()
+    assert bare.std() > 0.01  # not a constant image
+
+
+def test_the_bare_loop_names_a_prediction_type_it_cannot_convert():
+    bench = _load_bench()
+    with pytest.raises(ValueError, match="not 'edm'"):
+        bench.bare_loop(None, bench.DiffusersDDIM(prediction_type="edm"), batch_size=1, steps=2)
