@@ -1,26 +1,18 @@
 """bench/report.py: every benchmark script has a section, renders a table from its committed JSON, and the
 committed docs/benchmarks.md is what the report renders now (so it cannot go stale)."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_helpers import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_report():
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load_report()
+report = load_bench_script("report")
 SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("*.py") if path.stem not in ("report", "common"))
 WITH_RESULTS = [benchmark for benchmark in report.available() if benchmark.results.is_file()]
 

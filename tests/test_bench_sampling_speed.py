@@ -1,9 +1,6 @@
 """bench/sampling_speed.py's bare DDIM loop is the reference its rows are checked against: for every prediction
 type it converts, it must give the pipeline's DDIM images from the same noise."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +8,12 @@ from diffusers import UNet2DModel
 
 from pipelines import DiffusionImagePipeline
 from schedulers import DDIMScheduler
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sampling_speed", ROOT / "bench" / "sampling_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_helpers import load_bench_script
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_the_bare_loop_matches_the_pipelines_ddim(prediction_type):
-    bench = _load_bench()
+    bench = load_bench_script("sampling_speed")
     torch.manual_seed(0)
     network = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
@@ -38,6 +26,6 @@ def test_the_bare_loop_matches_the_pipelines_ddim(prediction_type):
 
 
 def test_the_bare_loop_names_a_prediction_type_it_cannot_convert():
-    bench = _load_bench()
+    bench = load_bench_script("sampling_speed")
     with pytest.raises(ValueError, match="not 'edm'"):
         bench.bare_loop(None, bench.DiffusersDDIM(prediction_type="edm"), batch_size=1, steps=2)

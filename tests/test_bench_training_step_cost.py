@@ -1,26 +1,15 @@
 """bench/training_step_cost.py end to end at a toy size: tiny UNets at 16×16 and 8×8, one step, no compile row;
 the JSON has every row with positive times, and the baseline's ratios are exactly 1."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_training_step_cost", ROOT / "bench" / "training_step_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_helpers import load_bench_script
 
 
 def test_main_writes_every_row_with_positive_costs(tmp_path):
-    bench = _load_bench()
+    bench = load_bench_script("training_step_cost")
     out = tmp_path / "training_step_cost.json"
     threads = torch.get_num_threads()
     try:
@@ -52,7 +41,7 @@ def test_main_writes_every_row_with_positive_costs(tmp_path):
 
 def test_a_failed_compile_is_recorded_not_raised(tmp_path, monkeypatch):
     """The compile row catches its error and records it; the other rows still run."""
-    bench = _load_bench()
+    bench = load_bench_script("training_step_cost")
 
     def broken_compile(model, *args, **kwargs):
         def call(*call_args, **call_kwargs):

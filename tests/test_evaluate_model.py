@@ -1,9 +1,7 @@
 """train.evaluate_model: x̂0 clipping on the exported or a registered sampler, and what it does to a real model's
 raw output under strong guidance; bench/quality_vs_nfe.py and bench/clipping.py read the model's process."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,19 +9,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from evaluation.sampling import sample_images
 from pipelines import DiffusionImagePipeline
+from tests.bench_helpers import load_bench_script
 from train.evaluate_model import RANGE_LIMIT, use_x0_clipping
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = ROOT / "checkpoints" / "mnist-flow"
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _load_bench(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -64,7 +55,7 @@ def test_bad_clipping_requests_name_the_problem(flow_pipeline):
 def test_benchmarks_pick_samplers_by_the_models_process(tmp_path):
     from bench.common import default_sampler, model_process
 
-    quality = _load_bench("quality_vs_nfe")
+    quality = load_bench_script("quality_vs_nfe")
     assert model_process(FLOW) == "flow" and model_process(ROOT / "checkpoints" / "mnist-vp") == "vp"
     assert default_sampler(FLOW) == "dpmpp-2m" and default_sampler(ROOT / "checkpoints/mnist-vp") == "ddim"
     quality.benchmarked_spec("euler-ancestral", "flow")
@@ -77,7 +68,7 @@ def test_benchmarks_pick_samplers_by_the_models_process(tmp_path):
 
 
 def test_clipping_verdict_picks_the_lowest_fid_per_cell():
-    clipping = _load_bench("clipping")
+    clipping = load_bench_script("clipping")
     rows = [{"model": "m", "guidance": g, "rule": rule, "feature_fid": fid, "accuracy": 0.9}
             for g, rule, fid in [(1, "none", 2.0), (1, "clip", 2.5), (3, "none", 9.0), (3, "clip", 6.0)]]
     assert clipping.verdicts(rows) == [
@@ -86,7 +77,7 @@ def test_clipping_verdict_picks_the_lowest_fid_per_cell():
 
 
 def test_clipping_runs_on_separate_models_merge_and_mismatched_settings_do_not(tmp_path):
-    clipping = _load_bench("clipping")
+    clipping = load_bench_script("clipping")
     settings = {"samples": 300, "steps": 20, "guidance": [1.0], "seed": 0, "rules": ["none", "clip"]}
     paths = []
     for model, fids in [("a", (2.0, 1.5)), ("b", (3.0, 4.0))]:
