@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import check_positive, machine_info, write_results  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
 from schedulers import DDPMScheduler  # noqa: E402
+from schedulers.process import to_x0_and_epsilon  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,9 +90,9 @@ class FreeNetwork(torch.nn.Module):
 
 
 def bare_loop(network, ddim: DiffusersDDIM, batch_size: int, steps: int) -> Callable[[], torch.Tensor]:
-    """The DDIM (η = 0) sampler as a plain loop: one network call and two fused multiply-adds per step. The
-    network's output converts to ε linearly in (output, x) — ε itself; ε = ᾱ v + β̄ x for v-prediction (Salimans &
-    Ho 2022); ε = (x − ᾱ x̂0)/β̄ for x0-prediction — so the conversion folds into the step's two coefficients."""
+    """The DDIM (η = 0) sampler as a plain loop: one network call and two fused multiply-adds per step. Every
+    prediction type decodes to ε linearly in (output, x) (``schedulers.process.to_x0_and_epsilon``), so the decoding
+    folds into the step's two coefficients: ε = c_out · output + c_x · x."""
     ddim.set_timesteps(steps)
     timesteps = ddim.timesteps
     signal = ddim.alphas_cumprod.double().sqrt()
@@ -99,16 +100,14 @@ def bare_loop(network, ddim: DiffusersDDIM, batch_size: int, steps: int) -> Call
     # each step goes to the next grid timestep, the last one to clean data (ᾱ = 1, β̄ = 0: set_alpha_to_one)
     to_signal = [float(signal[t]) for t in timesteps[1:]] + [1.0]
     to_noise = [float(noise[t]) for t in timesteps[1:]] + [0.0]
-    eps_from = {"epsilon": lambda a, b: (1.0, 0.0), "v_prediction": lambda a, b: (a, b),  # ε = out·c_out + x·c_x
-                "sample": lambda a, b: (-a / b, 1.0 / b)}
-    if ddim.config.prediction_type not in eps_from:
-        raise ValueError(f"the bare loop knows prediction types {', '.join(eps_from)}, not "
-                         f"{ddim.config.prediction_type!r}")
+    one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     coefficients = []
     for i, t in enumerate(timesteps):
-        a, b = float(signal[t]), float(noise[t])
-        scale, eps_scale = to_signal[i] / a, to_noise[i] - to_signal[i] * b / a  # x' = scale · x + eps_scale · ε
-        c_out, c_x = eps_from[ddim.config.prediction_type](a, b)
+        a, b = signal[t], noise[t]
+        c_out = float(to_x0_and_epsilon(ddim.config.prediction_type, one, zero, a, b)[1])
+        c_x = float(to_x0_and_epsilon(ddim.config.prediction_type, zero, one, a, b)[1])
+        # x' = scale · x + eps_scale · ε: ᾱ_prev/ᾱ · x + (β̄_prev − ᾱ_prev β̄/ᾱ) · ε
+        scale, eps_scale = to_signal[i] / float(a), to_noise[i] - to_signal[i] * float(b / a)
         coefficients.append((scale + eps_scale * c_x, eps_scale * c_out))
     labels = torch.full((batch_size,), network.config.num_class_embeds - 1)
     shape = (batch_size, network.config.in_channels, network.config.sample_size, network.config.sample_size)
@@ -118,7 +117,7 @@ def bare_loop(network, ddim: DiffusersDDIM, batch_size: int, steps: int) -> Call
         x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
         for t, (x_scale, out_scale) in zip(timesteps, coefficients):
             out = network(x, t, class_labels=labels).sample
-            x = x_scale * x + out_scale * out  # ᾱ_prev/ᾱ · x + (β̄_prev − ᾱ_prev β̄/ᾱ) · ε, ε from the output
+            x = x_scale * x + out_scale * out  # the DDIM step with ε decoded from the output
         return (x / 2 + 0.5).clamp(0, 1)
 
     return run
