@@ -2,10 +2,10 @@
 
     python -m schedulers.tune checkpoints/mnist-vp --sampler dpmpp-2m --nfe 5
 
-writes ``checkpoints/mnist-vp/tuned/dpmpp-2m-nfe5/`` (a scheduler config and ``tuning.json``: the grid, the table,
-the error against the tight solution next to the stock grid's, and the weights' fingerprint), which the app lists
-next to the stock samplers. A conditional model is tuned over its classes in turn, at guidance 1. Stopped with
-Ctrl-C or SIGTERM, it writes nothing.
+writes ``checkpoints/mnist-vp/tuned/dpmpp-2m-nfe5/`` (``dpmpp-2m-nfe5-free/`` with ``--final free``): a scheduler
+config and ``tuning.json`` (the grid, the table, the error against the tight solution next to the stock grid's,
+and the weights' fingerprint), which the app lists next to the stock samplers. A conditional model is tuned over
+its classes in turn, at guidance 1. Stopped with Ctrl-C or SIGTERM, it writes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tuning import TUNABLE, TuningStopped, save_tuned, tune_sampler
+from .tuning import FINALS, TUNABLE, TuningStopped, save_tuned, tune_sampler
 
 
 def load_denoiser(model_dir: Path):
@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=64, help="noise starts to tune on (as many more validate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-runs", type=int, default=None, help="candidate grids to try (default 40 per point)")
+    parser.add_argument("--final", choices=FINALS, default="zero",
+                        help="zero: end with a denoise (default); free: tune where the run ends, σ_end > 0 "
+                             "(schedulers.tuning's docstring says when it helps)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return parser.parse_args(argv)
 
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
     try:
         tuning = tune_sampler(network, scheduler_config, sampler=args.sampler, nfe=args.nfe, sample_shape=shape,
                               class_labels=labels, samples=args.samples, seed=args.seed, max_runs=args.max_runs,
+                              final=args.final,
                               model_process=info.get("process", "vp"), progress=progress,
                               should_stop=lambda: bool(stopping))
     except (TuningStopped, KeyboardInterrupt) as stopped:

@@ -52,6 +52,16 @@ def test_a_tune_saves_the_sampler_and_every_tab_offers_it(catalog):
     assert [(job.sampler, job.steps) for _, job in jobs] == [("ddim", 10), (TUNED, 4)]
 
 
+def test_a_free_end_tune_is_offered_next_to_the_final_zero_one(catalog):
+    run_tune(catalog)
+    text, _ = run_tune(catalog, final="free")
+    assert "tuned:dpmpp-2m-nfe4-free" in text
+    loaded = catalog.load("small")
+    assert {TUNED, "tuned:dpmpp-2m-nfe4-free"} <= set(models.samplers(loaded))
+    job = parse_job(catalog, "small", "tuned:dpmpp-2m-nfe4-free", 25, **SETTINGS)
+    assert job.steps == 4 and run_job(catalog, job).nfe == 4
+
+
 def test_a_tuned_sampler_of_changed_weights_is_refused(catalog):
     run_tune(catalog)
     weights = next((catalog.base / "models" / "small" / "unet").glob("*.safetensors"))
@@ -72,6 +82,7 @@ def test_stop_ends_a_tune_and_writes_nothing(catalog):
     ({"sampler": "heun", "nfe": 4}, "heun cannot spend exactly 4 evaluations"),
     ({"samples": 1}, "tuning samples"),
     ({"model": "mnist-gan-qp"}, "no sampler to tune"),
+    ({"final": "sigma_min"}, "end 'sigma_min' is not one of: zero, free"),
 ])
 def test_bad_tune_requests_name_the_problem(catalog, request_options, message):
     with pytest.raises(gr.Error, match=message):
