@@ -21,6 +21,16 @@ def machine_info() -> dict:
             "diffusers": diffusers.__version__}
 
 
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+def display_path(path) -> str:
+    """``path`` as a results file records it: relative to the repository root when inside it (not this machine's
+    absolute path), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPOSITORY_ROOT)) if resolved.is_relative_to(REPOSITORY_ROOT) else str(path)
+
+
 def write_results(path: Path, results: dict) -> None:
     """Write ``results`` as JSON to ``path`` atomically, so a run cut off mid-write leaves the previous file."""
     path.parent.mkdir(parents=True, exist_ok=True)

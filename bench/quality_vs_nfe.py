@@ -49,7 +49,7 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
-from bench.common import machine_info, model_process, write_results  # noqa: E402
+from bench.common import display_path, machine_info, model_process, write_results  # noqa: E402
 from evaluation.analytic_table import pipeline_eps_second_moment  # noqa: E402
 from evaluation.judge import DEFAULT_JUDGE_PATH, heldout_digits, load_judge, real_fid_floor  # noqa: E402
 from evaluation.metrics import compute_metrics  # noqa: E402
@@ -111,7 +111,7 @@ def run(args, process: str, out: Path) -> dict:
     judge = load_judge(args.judge)
     heldout, _ = heldout_digits()
     labels = class_balanced_labels(pipeline.num_classes, args.samples)
-    results = {"benchmark": "quality_vs_nfe", **machine_info(), "model": str(args.model),
+    results = {"benchmark": "quality_vs_nfe", **machine_info(), "model": display_path(args.model),
                "process": process, "samples": args.samples, "seed": args.seed, "guidance_scale": 1.0,
                "nfe_targets": args.nfe,
                "samplers": args.samplers, "plot": out.with_suffix(".png").name, "note": BIAS_NOTE,

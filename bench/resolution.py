@@ -29,6 +29,7 @@ from diffusers.utils import make_image_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import display_path  # noqa: E402
 from evaluation.judge import judge_accuracy, load_judge  # noqa: E402
 from kernels.processor import FusedAttnProcessor  # noqa: E402
 from pipelines import DiffusionImagePipeline  # noqa: E402
@@ -108,9 +109,9 @@ def main(argv=None):
         grids.append(make_image_grid(pil, rows=shown, cols=pipe.num_classes))
 
     out = ROOT / "bench" / "results" / "resolution.json"
-    out.write_text(json.dumps({"benchmark": "resolution", "machine": platform.platform(), "model": args.model,
-                               "per_class": args.per_class, "steps": args.steps, "guidance": args.guidance,
-                               "rows": rows}, indent=1))
+    out.write_text(json.dumps({"benchmark": "resolution", "machine": platform.platform(),
+                               "model": display_path(args.model), "per_class": args.per_class, "steps": args.steps,
+                               "guidance": args.guidance, "rows": rows}, indent=1))
     figure = make_image_grid(grids, rows=len(grids), cols=1)
     figure.save(ROOT / "docs" / "resolution-extrapolation.png")
     print(f"wrote {out} and docs/resolution-extrapolation.png (rows: {', '.join(r['variant'] for r in rows)})")

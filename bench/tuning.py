@@ -35,7 +35,7 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedulers  # noqa: E402
-from bench.common import check_positive, machine_info, write_results  # noqa: E402
+from bench.common import check_positive, display_path, machine_info, write_results  # noqa: E402
 from bench.quality_vs_nfe import BIAS_NOTE, sample_and_score  # noqa: E402
 from bench.samplers import Scene  # noqa: E402
 from evaluation.exact import ExactScoreModel, GaussianMixture  # noqa: E402
@@ -140,7 +140,7 @@ def model_rows(args, results: dict, out: Path) -> None:
     judge = load_judge()
     heldout, _ = heldout_digits()
     labels = class_balanced_labels(pipeline.num_classes, args.samples)
-    section = results["model"] = {"model": str(args.model), "process": process, "samples": args.samples,
+    section = results["model"] = {"model": display_path(args.model), "process": process, "samples": args.samples,
                                   "real_fid_floor": real_fid_floor(judge), "note": BIAS_NOTE, "rows": []}
 
     def add(name: str, scheduler, steps: int, nfe: int, **extra) -> dict:
