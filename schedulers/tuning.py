@@ -41,6 +41,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +258,9 @@ def tune_sampler(model, scheduler_config: dict, sampler: str = "dpmpp-2m", nfe: 
         raise ValueError(f"final must be one of {', '.join(FINALS)}; got {final!r}")
     spec, stock, steps = _checked_request(sampler, nfe, scheduler_config, model_process)
     free_end = final == "free" and stock.order == 1  # a step onto σ_end > 0 costs a two-stage solver another call
+    if final == "free" and not free_end:
+        warnings.warn(f"final='free' is for solvers of one evaluation per step; {sampler} spends two, so its tuned "
+                      "grid ends at 0 (Tuning.final is 'zero')", stacklevel=2)
     started = time.perf_counter()
     validation = samples if validation is None else validation
     denoise = CountingDenoiser(model, stock, None)

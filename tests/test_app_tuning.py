@@ -62,6 +62,13 @@ def test_a_free_end_tune_is_offered_next_to_the_final_zero_one(catalog):
     assert job.steps == 4 and run_job(catalog, job).nfe == 4
 
 
+def test_a_free_end_asked_of_a_two_evaluation_solver_says_it_ends_at_0(catalog):
+    with pytest.warns(UserWarning, match="one evaluation per step"):
+        text, _ = run_tune(catalog, sampler="heun", nfe=5, final="free")
+    assert "tuned:heun-nfe5 " in text.replace("**", " ") and "It ends at 0" in text
+    assert set(tuned_schedulers(catalog.load("small").key)) == {"heun-nfe5"}
+
+
 def test_a_tuned_sampler_of_changed_weights_is_refused(catalog):
     run_tune(catalog)
     weights = next((catalog.base / "models" / "small" / "unet").glob("*.safetensors"))

@@ -82,6 +82,9 @@ def make_handler(catalog: models.ModelCatalog):
                   f"{tuning.rmse:.4f} (the stock grid at the same NFE: {tuning.stock_rmse:.4f}), "
                   f"{tuning.evaluations} evaluations per start, {tuning.seconds:.0f} s. Choose it in Generate, "
                   "Compare or Evaluate.")
+        if final != tuning.final:
+            result += (f" It ends at 0: a free end is for solvers of one evaluation per step, and {sampler} "
+                       "spends two.")
         same_model = generate_model is not None and catalog.resolve(generate_model) == loaded.key
         return result, gr.update(choices=models.samplers(loaded)) if same_model else gr.update()
 
