@@ -103,22 +103,35 @@ def dpmpp_multistep(order: int):
                 history = [(denoised, h)]
                 continue
             x = (sigma_next / sigma) * x - torch.expm1(-h) * denoised
-            phi_2 = torch.expm1(-h) / h + 1
-            if order >= 3 and len(history) >= 2:
-                (d1, h1), (d2, h2) = history[:2]
-                r0, r1 = h1 / h, h2 / h
-                slope_0 = (denoised - d1) / r0
-                slope_1 = (d1 - d2) / r1
-                curvature = (slope_0 - slope_1) / (r0 + r1)
-                phi_3 = phi_2 / h - 0.5
-                x = x + phi_2 * (slope_0 + curvature * r0) - 2 * phi_3 * curvature
-            elif history:
-                d1, h1 = history[0]
-                x = x + phi_2 * (denoised - d1) / (h1 / h)
+            x = x + multistep_increment(denoised, history[:order - 1], h)
             history = [(denoised, h), *history][:2]
         return x
 
     return solve
+
+
+def multistep_increment(denoised, history, h, h_phi=None, curvature_weight: float = 2.0):
+    """The φ-terms that DPM-Solver++ multistep adds to the first-order step: φ₂ d₁ from one previous value,
+    φ₂ (d₁⁰ + r₀ c) − 2 φ₃ c from two (``dpmpp_multistep``'s docstring), 0 from none.
+
+    ``history``: (D, h) of the previous steps, newest first; their step sizes and ``h`` set the divided differences
+    in λ. ``h_phi`` (default ``h``) is the step the φ-functions are taken over: the SDE's (1 + η) h, over which its
+    exact linear part decays (``sde.dpmpp_3m_sde``). ``curvature_weight``: the 2 of −2 φ₃ c (k-diffusion and
+    diffusers use 1)."""
+    h_phi = h if h_phi is None else h_phi
+    phi_2 = torch.expm1(-h_phi) / h_phi + 1
+    if len(history) >= 2:
+        (d1, h1), (d2, h2) = history[:2]
+        r0, r1 = h1 / h, h2 / h
+        slope_0 = (denoised - d1) / r0
+        slope_1 = (d1 - d2) / r1
+        curvature = (slope_0 - slope_1) / (r0 + r1)
+        phi_3 = phi_2 / h_phi - 0.5
+        return phi_2 * (slope_0 + curvature * r0) - curvature_weight * phi_3 * curvature
+    if history:
+        d1, h1 = history[0]
+        return phi_2 * (denoised - d1) / (h1 / h)
+    return torch.zeros_like(denoised)
 
 
 def mean_value_step(x, denoised, previous, sigma, sigma_next):

@@ -26,8 +26,10 @@ def smooth():
     return GaussianMixture.random((1, 4, 4), 4, rank=2, mode_var=0.3, iso_var=0.1, seed=3)
 
 
-def endpoint(mixture, solver, steps, latents):
-    scheduler = schedulers.ProbabilityFlowScheduler(solver=solver, sigma_schedule="log_snr", final_sigma="sigma_min")
+def endpoint(mixture, solver, steps, latents, scheduler=None):
+    if scheduler is None:
+        scheduler = schedulers.ProbabilityFlowScheduler(solver=solver, sigma_schedule="log_snr",
+                                                        final_sigma="sigma_min")
     pipe = make_pipeline(mixture, scheduler)
     return pipe(batch_size=len(latents), num_inference_steps=steps, latents=latents, output_type="raw").images
 
@@ -45,6 +47,19 @@ def test_solver_converges_at_its_theoretical_order(smooth, reference, solver):
     errors = [((endpoint(smooth, solver, n, latents) - exact) ** 2).mean().sqrt().item() for n in steps]
     slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
     assert all(abs(slope - THEORY[solver]) <= 0.3 for slope in slopes), slopes
+
+
+def test_3m_sde_without_noise_converges_at_second_order(smooth, reference):
+    """At λ = 0 the 3M SDE is a multistep ODE solver; with k-diffusion's halved curvature term (its docstring) and a
+    first-order last step it converges at order 2, not 3 (measured 2.23, 2.19). Without its φ-terms (DDIM) it
+    would be 1."""
+    latents, exact = reference
+    scheduler = schedulers.ReverseSDEScheduler(solver="dpmpp-3m-sde", noise_level=0.0, sigma_schedule="log_snr",
+                                               final_sigma="sigma_min")
+    errors = [((endpoint(smooth, None, n, latents, scheduler) - exact) ** 2).mean().sqrt().item()
+              for n in (64, 128, 256)]
+    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
+    assert all(abs(slope - 2) <= 0.3 for slope in slopes), slopes
 
 
 def test_euler_is_ddim(mixture):

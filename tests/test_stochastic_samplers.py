@@ -55,18 +55,14 @@ def gap(scene, scheduler, steps: int) -> float:
     return sum(gaps) / len(gaps)
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: diffusers' DPM++ 2M SDE wins on its default grid (below)")
 def test_best_stochastic_sampler_at_nfe_10_is_as_good_as_diffusers(scene):
-    """Measured: ours best 0.0366 (``dpmpp-2m-sde`` on its log-SNR steps; 0.0375 on Karras steps), ``ddpm`` /
-    ``ddim-eta1`` 0.046; diffusers' DPM++ 2M SDE 0.0202, Euler ancestral 0.0497. Our 2M SDE equals diffusers' on
-    the same Karras grid (0.0396 vs 0.0397 on a 25-d check mixture); diffusers' default "linspace" grid ends its
-    last evaluation at t ≈ 100 (σ ≈ 0.4) before the final denoise, and that grid, not the solver, is its edge.
-    On three other fresh mixtures (7×7 / 6 modes / rank 2, 5×5 / 4 / 3, 2×4×4 / 7 / 3; seeds 31–35, 40–41) our
-    ``dpmpp-2m-sde`` wins: 0.0024, 0.0175, 0.0063 against diffusers' best 0.0067, 0.026, 0.0197; on uniform-t
-    steps our 2M SDE leaves 0.053–0.14 there (each measured once as ``gap`` does, 4,000 samples). Ending our
-    log-SNR grid later (σ_min 0.1 instead of 0.01) helps on two development mixtures (seeds 40: .0196 → .0130,
-    300: .0254 → .0065) and hurts on three (31, 33, 0: −.0135 → −.0029, .0175 → .0211, .0069 → .0079), so no
-    end is adopted. Strict: remove the mark once it passes."""
+    """Measured: ours best 0.0150 (``dpmpp-3m-sde``), then ``dpmpp-2m-sde`` 0.0366 (on its log-SNR steps; 0.0375 on
+    Karras steps), ``noise-level`` 0.039, ``ddpm`` / ``ddim-eta1`` 0.046; diffusers' DPM++ 2M SDE 0.0202, Euler
+    ancestral 0.0497. The 3M SDE was chosen (k-diffusion's curvature weight, first-order last step) on six
+    development mixtures (seeds 0, 31, 33, 40, 300, 500), where it beat diffusers' 2M and 3M SDE on all six
+    (docs/samplers.md); this mixture was run once, after. Before it, diffusers' 2M SDE won here: our 2M SDE equals
+    diffusers' on the same Karras grid (0.0396 vs 0.0397 on a 25-d check mixture), and diffusers' default
+    "linspace" grid, whose last evaluation is at t ≈ 100 (σ ≈ 0.4) before the final denoise, was its edge."""
     ours = {name: gap(scene, schedulers.get_sampler(name).create({"clip_sample": False}),
                       schedulers.get_sampler(name).steps_within(10)[0])
             for name in STOCHASTIC if schedulers.get_sampler(name).min_nfe <= 10}
