@@ -92,6 +92,15 @@ def ancestral_family(noise_level: float, corrector_steps: int = 0, snr: float = 
     return solve
 
 
+def _exponential_sde_step(x, denoised, sigma, sigma_next, eta: float, noise):
+    """The reverse SDE's exact step for D held fixed (``dpmpp_2m_sde``'s first line), and its h = log(σ/σ')."""
+    h = torch.log(sigma / sigma_next)
+    sigma_up = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
+    x = ancestral_step(denoised, (x - denoised) / sigma, sigma.new_ones(()), sigma_next**2, sigma_up,
+                       noise(x) if eta > 0 else None)
+    return x, h
+
+
 def dpmpp_2m_sde(noise_level: float, corrector_steps: int = 0, snr: float = 0.16):
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, §4 and App. B; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint type).
 
@@ -114,10 +123,7 @@ def dpmpp_2m_sde(noise_level: float, corrector_steps: int = 0, snr: float = 0.16
             if sigma_next == 0:
                 x = denoised
                 continue
-            h = torch.log(sigma / sigma_next)
-            sigma_up = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
-            x = ancestral_step(denoised, (x - denoised) / sigma, sigma.new_ones(()), sigma_next**2, sigma_up,
-                               noise(x) if eta > 0 else None)
+            x, h = _exponential_sde_step(x, denoised, sigma, sigma_next, eta, noise)
             if previous is not None:
                 d1, h1 = previous
                 x = x - 0.5 * torch.expm1(-(1 + eta) * h) * (h / h1) * (denoised - d1)
@@ -154,10 +160,7 @@ def dpmpp_3m_sde(noise_level: float, corrector_steps: int = 0, snr: float = 0.16
             if sigma_next == 0:
                 x = denoised
                 continue
-            h = torch.log(sigma / sigma_next)
-            sigma_up = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
-            x = ancestral_step(denoised, (x - denoised) / sigma, sigma.new_ones(()), sigma_next**2, sigma_up,
-                               noise(x) if eta > 0 else None)
+            x, h = _exponential_sde_step(x, denoised, sigma, sigma_next, eta, noise)
             if step < last:
                 x = x + multistep_increment(denoised, history, h, (1 + eta) * h, curvature_weight=1.0)
             history = [(denoised, h), *history][:2]
