@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_positive, machine_info, write_results  # noqa: E402
+from bench.common import check_positive, display_path, machine_info, write_results  # noqa: E402
 from train.recipes import RECIPES, check_recipe  # noqa: E402
 from train.run import SNAPSHOT_DIR  # noqa: E402
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"a step costs {step_seconds:.2f} CPU-s: {steps} steps per recipe, scored every {export_every}", flush=True)
     rows = train_and_score(args, steps, export_every)
     print_table(rows)
-    results = {**machine_info(), "settings": {**{k: str(v) if isinstance(v, Path) else v
+    results = {**machine_info(), "settings": {**{k: display_path(v) if isinstance(v, Path) else v
                                                   for k, v in vars(args).items()},
                                                "steps": steps, "step_cpu_seconds": step_seconds,
                                                "recipe_flags": {r: RECIPES[r] for r in args.recipes}},
