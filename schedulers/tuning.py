@@ -211,6 +211,7 @@ def starting_grids(scheduler, steps: int, model_process: str) -> dict[str, torch
 
 FINALS = ("zero", "free")  # the final 0, or a tuned σ_end with no final denoise
 SPREAD_TOLERANCE = 0.05  # a free end whose ends' spread is within 5% of the tight solution's stays where it is
+END_SEARCH_RUNS = 16  # the most runs the free end's spread match spends (its bounded Brent search, and the start)
 
 
 def _checked_request(sampler: str, nfe: int, scheduler_config: dict, model_process: str):
@@ -304,29 +305,43 @@ def tune_sampler(model, scheduler_config: dict, sampler: str = "dpmpp-2m", nfe: 
     if free_end:
         start_grids = _free_end_starts(start_grids, sigma_min)
     free = len(stock_grid) - 2 + free_end
-    total = max(max_runs or 40 * free, len(start_grids) + free + 1)  # at least the starts and one simplex
+    grid_runs = max(max_runs or 40 * free, len(start_grids) + free + 1)  # at least the starts and one simplex
+    total = grid_runs + (END_SEARCH_RUNS if free_end else 0)
+    runs = 0
 
     def train_end(grid):
         """The run's end on the tuning starts; where ``should_stop`` says so, nothing more is run."""
+        nonlocal runs
         if should_stop is not None and should_stop():
-            raise TuningStopped(f"tuning {sampler} at NFE {nfe} stopped after {len(history)} of {total} grids")
+            raise TuningStopped(f"tuning {sampler} at NFE {nfe} stopped after {runs} of {total} grids")
+        runs += 1
         return run(grid, batches["train"])[0]
+
+    def report():
+        if progress is not None:
+            progress(runs, total, min(history))
 
     def loss(theta):
         end = train_end(_grid(theta, sigma_max, free_end))
         history.append(_rmse(end, batches["train"][1].final, metric))
-        if progress is not None:
-            progress(len(history), total, min(history))
+        report()
         return history[-1]
+
+    def end_search_run(grid):
+        end = train_end(grid)
+        report()
+        return end
 
     theta0 = min((_theta(grid) for grid in start_grids.values()), key=loss)
     simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(len(theta0))])
     result = scipy.optimize.minimize(loss, theta0, method="Nelder-Mead",
-                                     options={"maxfev": max(total - len(history), len(theta0) + 1),
+                                     options={"maxfev": max(grid_runs - len(history), len(theta0) + 1),
                                               "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
     grid = _grid(result.x, sigma_max, free_end)
     if free_end:
-        grid = _match_end_spread(grid, train_end, denoise, batches["train"][1].final, sigma_min)
+        grid = _match_end_spread(grid, end_search_run, denoise, batches["train"][1].final, sigma_min)
+        runs = total  # the match may stop early: the bar ends full
+        report()
     _, points = run(grid, batches["train"])
     entry = WITH_TABLE[sampler] if with_table else sampler
     table = {} if points is None else {"mean_value_points": points}
@@ -349,9 +364,10 @@ def end_spread(x: torch.Tensor, denoise: Callable, sigma_min: float) -> float:
 def _match_end_spread(grid: torch.Tensor, end_of: Callable, denoise: Callable, target: torch.Tensor,
                       sigma_min: float) -> torch.Tensor:
     """``grid`` with its σ_end rescaled (within [1/4, 4]×, below the last step's start) so that the run's ends
-    have the tight solution's ``end_spread``: the least |log ratio| by a bounded Brent search in log σ_end, or
-    the grid as it is when that is no closer, or when its spread is already within ``SPREAD_TOLERANCE``
-    (|log ratio|) of the target's: a 64-sample estimate is not finer than that.
+    have the tight solution's ``end_spread``: the least |log ratio| by a bounded Brent search in log σ_end (at
+    most ``END_SEARCH_RUNS`` runs of ``end_of``), or the grid as it is when that is no closer, or when its spread
+    is already within ``SPREAD_TOLERANCE`` (|log ratio|) of the target's: a 64-sample estimate is not finer than
+    that.
 
     The grid search's mean squared error is ruled by the wide directions, but how much noise the free end leaves
     is decided in the thin ones, and there a sample's likelihood swings by nats: on the development mixtures at
@@ -370,7 +386,7 @@ def _match_end_spread(grid: torch.Tensor, end_of: Callable, denoise: Callable, t
         return grid
     highest = min(math.log(4.0), math.log(0.99 * float(grid[-2] / grid[-1])))
     found = scipy.optimize.minimize_scalar(mismatch, bounds=(-math.log(4.0), highest), method="bounded",
-                                           options={"xatol": 0.01})
+                                           options={"xatol": 0.01, "maxiter": END_SEARCH_RUNS - 1})
     return rescaled(found.x) if found.fun < unmatched else grid
 
 

@@ -27,6 +27,7 @@ from evaluation.exact import ExactScoreModel, GaussianMixture
 from pipelines import DiffusionImagePipeline
 from schedulers import tune
 from schedulers.tuning import (
+    END_SEARCH_RUNS,
     CountingDenoiser,
     TightTrajectory,
     TuningStopped,
@@ -222,6 +223,13 @@ def test_progress_and_stop(small):
     quick_tune(small[1], progress=lambda done, total, best: reports.append((done, total, best)))
     assert [done for done, _, _ in reports] == list(range(1, len(reports) + 1)) and reports[0][1] == 20
     assert all(later <= earlier for (_, _, earlier), (_, _, later) in zip(reports, reports[1:]))
+    free = []
+    tuning = quick_tune(small[1], final="free", progress=lambda done, total, best: free.append((done, total)))
+    counts = [done for done, _ in free]
+    (total,) = {total for _, total in free}
+    assert total - END_SEARCH_RUNS >= 20 and counts[-1] == total  # the end's spread match is in the total
+    # one report per run, the grid search's and then the spread match's, and the bar ends full
+    assert counts[:-1] == list(range(1, len(counts))) and len(counts) - 1 > len(tuning.history), counts
     done = []
     with pytest.raises(TuningStopped, match="stopped after 2 of 20"):
         quick_tune(small[1], progress=lambda count, *_: done.append(count), should_stop=lambda: len(done) >= 2)
