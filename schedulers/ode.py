@@ -335,9 +335,10 @@ class ProbabilityFlowScheduler(SigmaSpaceScheduler):
         self._init_sigma_space()
 
     def default_inference_steps(self) -> int:
-        """The fitted table's steps for the mean-value solver, else the base's."""
-        if self.config.solver == MEAN_VALUE:
-            return len(self.config.mean_value_points)
+        """The fitted table's steps for the mean-value solver on a schedule (``num_inference_steps`` counts the grid's
+        points, so a run that ends at σ_min instead of 0 takes one more for as many steps), else the base's."""
+        if self.config.solver == MEAN_VALUE and self.config.tuned_sigmas is None:
+            return len(self.config.mean_value_points) + (self.config.final_sigma == "sigma_min")
         return super().default_inference_steps()
 
     def solver(self, x, sigmas, noise, start=0):

@@ -94,6 +94,11 @@ def test_mean_value_scheduler_checks_its_table(mixture):
         scheduler.set_timesteps(10)
     scheduler.set_timesteps(3)  # three grid points and the final denoise: three steps
     assert scheduler.nfe == 3
+    ending_at_sigma_min = schedulers.get_sampler("dpmpp-2m-mv").create({}, mean_value_points=[0.0, 0.5, 0.5],
+                                                                       final_sigma="sigma_min")
+    assert ending_at_sigma_min.nfe == 3 and ending_at_sigma_min.sigmas[-1] > 0  # four points, no final denoise
+    ending_at_sigma_min.set_timesteps(4)
+    assert ending_at_sigma_min.nfe == 3
 
 
 def test_the_precision_weighted_fit_is_closer_in_the_data_metric(mixture):
